@@ -1,0 +1,11 @@
+//! zarrfs: Zarr arrays as flat, memory-mappable files.
+//!
+//! The FUSE protocol lives only in [`fuse`]; everything below it works on plain Rust types so it
+//! can be tested without a kernel.
+
+pub mod cache;
+pub mod fs;
+pub mod fuse;
+pub mod layout;
+pub mod npy;
+pub mod source;
