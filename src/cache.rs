@@ -1,1 +1,282 @@
-//! TODO
+//! Decoded chunks, shared by every reader: a byte-budgeted LRU with single-flight loading.
+//!
+//! Budgeting by bytes rather than by count is what lets users reason about memory: the cache
+//! holds at most `budget` bytes of decoded chunks, whatever the chunk size. A chunk that several
+//! readers (or a reader and the prefetcher) want at once is decoded once; the others wait for it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use lru::LruCache;
+
+use crate::source::DecodeError;
+
+/// A decoded chunk: (array number, chunk's linear index in its grid).
+pub type ChunkKey = (u32, u64);
+pub type Chunk = Arc<Vec<u8>>;
+
+/// Counters a user or the benchmark can read while the mount is live.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub decodes: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub decoded_bytes: AtomicU64,
+    pub decode_nanos: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+/// A plain copy of the counters plus the cache's current size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    pub decodes: u64,
+    pub decode_errors: u64,
+    pub decoded_bytes: u64,
+    pub decode_nanos: u64,
+    pub evictions: u64,
+    pub cached_bytes: u64,
+    pub cached_chunks: u64,
+    pub budget_bytes: u64,
+}
+
+/// One decode in progress; late arrivals wait on `done`.
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Result<Chunk, DecodeError>>>,
+    done: Condvar,
+}
+
+struct Inner {
+    lru: LruCache<ChunkKey, Chunk>,
+    bytes: u64,
+    in_flight: HashMap<ChunkKey, Arc<Flight>>,
+}
+
+pub struct ChunkCache {
+    budget: u64,
+    inner: Mutex<Inner>,
+    pub stats: CacheStats,
+}
+
+impl ChunkCache {
+    pub fn new(budget: u64) -> Self {
+        ChunkCache {
+            budget,
+            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, in_flight: HashMap::new() }),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// True when the chunk is cached or being decoded: the prefetcher skips it.
+    pub fn is_present_or_loading(&self, key: ChunkKey) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.lru.contains(&key) || inner.in_flight.contains_key(&key)
+    }
+
+    /// The chunk, from the cache or by running `load` — at most one `load` per key at a time;
+    /// concurrent callers for the same key share its result. Errors are not cached: a later
+    /// read tries again (the chunk may have been repaired).
+    pub fn get_or_load(
+        &self,
+        key: ChunkKey,
+        load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
+    ) -> Result<Chunk, DecodeError> {
+        let flight = {
+            let mut inner = self.inner.lock().unwrap();
+            if let Some(chunk) = inner.lru.get(&key) {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(chunk.clone());
+            }
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
+            match inner.in_flight.get(&key) {
+                Some(flight) => Err(flight.clone()),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    inner.in_flight.insert(key, flight.clone());
+                    Ok(flight)
+                }
+            }
+        };
+        match flight {
+            Ok(flight) => self.load_as_leader(key, &flight, load),
+            Err(flight) => {
+                let mut result = flight.result.lock().unwrap();
+                while result.is_none() {
+                    result = flight.done.wait(result).unwrap();
+                }
+                result.clone().unwrap()
+            }
+        }
+    }
+
+    fn load_as_leader(
+        &self,
+        key: ChunkKey,
+        flight: &Flight,
+        load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
+    ) -> Result<Chunk, DecodeError> {
+        let started = Instant::now();
+        // A panicking codec must not leave waiters blocked forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
+            .unwrap_or_else(|_| {
+                Err(DecodeError { key: format!("{key:?}"), reason: "decoder panicked".into() })
+            })
+            .map(Arc::new);
+        self.stats.decode_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match &result {
+            Ok(chunk) => {
+                self.stats.decodes.fetch_add(1, Ordering::Relaxed);
+                self.stats.decoded_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.in_flight.remove(&key);
+            if let Ok(chunk) = &result {
+                self.insert(&mut inner, key, chunk.clone());
+            }
+        }
+        *flight.result.lock().unwrap() = Some(result.clone());
+        flight.done.notify_all();
+        result
+    }
+
+    fn insert(&self, inner: &mut Inner, key: ChunkKey, chunk: Chunk) {
+        let size = chunk.len() as u64;
+        if size > self.budget {
+            return; // served to its readers, never held
+        }
+        while inner.bytes + size > self.budget {
+            let Some((_, old)) = inner.lru.pop_lru() else { break };
+            inner.bytes -= old.len() as u64;
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.bytes += size;
+        if let Some(old) = inner.lru.put(key, chunk) {
+            inner.bytes -= old.len() as u64;
+        }
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let (cached_bytes, cached_chunks) = {
+            let inner = self.inner.lock().unwrap();
+            (inner.bytes, inner.lru.len() as u64)
+        };
+        let s = &self.stats;
+        StatsSnapshot {
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            decodes: s.decodes.load(Ordering::Relaxed),
+            decode_errors: s.decode_errors.load(Ordering::Relaxed),
+            decoded_bytes: s.decoded_bytes.load(Ordering::Relaxed),
+            decode_nanos: s.decode_nanos.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            cached_bytes,
+            cached_chunks,
+            budget_bytes: self.budget,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Barrier;
+
+    fn chunk(n: usize, v: u8) -> Result<Vec<u8>, DecodeError> {
+        Ok(vec![v; n])
+    }
+
+    #[test]
+    fn hit_after_load() {
+        let cache = ChunkCache::new(100);
+        assert_eq!(*cache.get_or_load((0, 1), || chunk(10, 7)).unwrap(), vec![7; 10]);
+        let again = cache.get_or_load((0, 1), || panic!("must not decode twice")).unwrap();
+        assert_eq!(again.len(), 10);
+        let s = cache.snapshot();
+        assert_eq!((s.decodes, s.hits, s.misses, s.cached_bytes), (1, 1, 1, 10));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_to_stay_within_budget() {
+        let cache = ChunkCache::new(30);
+        for i in 0..3 {
+            cache.get_or_load((0, i), || chunk(10, i as u8)).unwrap();
+        }
+        cache.get_or_load((0, 0), || unreachable!()).unwrap(); // 0 is now most recent
+        cache.get_or_load((0, 3), || chunk(10, 3)).unwrap(); // evicts 1
+        assert!(cache.is_present_or_loading((0, 0)));
+        assert!(!cache.is_present_or_loading((0, 1)));
+        assert!(cache.snapshot().cached_bytes <= 30);
+        assert_eq!(cache.snapshot().evictions, 1);
+    }
+
+    #[test]
+    fn chunk_larger_than_budget_is_served_but_not_held() {
+        let cache = ChunkCache::new(5);
+        assert_eq!(cache.get_or_load((1, 0), || chunk(10, 1)).unwrap().len(), 10);
+        assert_eq!(cache.snapshot().cached_bytes, 0);
+    }
+
+    #[test]
+    fn errors_are_shared_but_not_cached() {
+        let cache = ChunkCache::new(100);
+        let bad = || Err(DecodeError { key: "c/0".into(), reason: "corrupt".into() });
+        assert!(cache.get_or_load((0, 0), bad).is_err());
+        assert!(cache.get_or_load((0, 0), || chunk(4, 1)).is_ok());
+        assert_eq!(cache.snapshot().decode_errors, 1);
+    }
+
+    #[test]
+    fn panicking_decoder_becomes_an_error() {
+        let cache = ChunkCache::new(100);
+        let r = cache.get_or_load((0, 0), || panic!("codec bug"));
+        assert!(r.is_err());
+        assert!(!cache.is_present_or_loading((0, 0)));
+    }
+
+    #[test]
+    fn concurrent_readers_decode_once() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, loads, barrier) = (cache.clone(), loads.clone(), barrier.clone());
+                let cache2 = cache.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    cache
+                        .get_or_load((0, 42), || {
+                            loads.fetch_add(1, Ordering::SeqCst);
+                            // Finish only once every reader has missed and is therefore
+                            // waiting on this flight: the single-flight path is exercised.
+                            while cache2.stats.misses.load(Ordering::SeqCst) < 8 {
+                                std::thread::yield_now();
+                            }
+                            chunk(1000, 9)
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().len(), 1000);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.snapshot().decodes, 1);
+    }
+}

@@ -1,1 +1,517 @@
-//! TODO
+//! The filesystem on plain Rust types: the tree of groups and array files, attributes, reads.
+//!
+//! No FUSE types appear here; [`crate::fuse`] translates. Errors are `libc` errno values because
+//! that is the vocabulary every caller of a filesystem ends up speaking.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::cache::{Chunk, ChunkCache, ChunkKey, StatsSnapshot};
+use crate::layout::ChunkLayout;
+use crate::npy;
+use crate::source::{ArrayInfo, ChunkDecoder, DecodeError, GroupInfo, OpenArray};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+pub type Errno = i32;
+
+/// What a user configures about a mount.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Byte budget of the decoded-chunk cache.
+    pub cache_bytes: u64,
+    /// Threads that decode chunks, shared by all readers and the prefetcher.
+    pub decode_threads: usize,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Directory,
+    File,
+}
+
+/// The attributes of a node, as `stat` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: FileKind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+/// `statfs` figures: a read-only filesystem whose size is the sum of its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatFs {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub files: u64,
+    pub name_len: u32,
+}
+
+#[derive(Debug)]
+enum NodeKind {
+    Dir { children: BTreeMap<OsString, Ino>, group: Option<usize> },
+    /// The flat file of array `.0`.
+    Data(usize),
+    /// The `.npy` view of array `.0`.
+    Npy(usize),
+}
+
+#[derive(Debug)]
+struct Node {
+    parent: Ino,
+    kind: NodeKind,
+    mtime: SystemTime,
+}
+
+struct MountedArray {
+    info: ArrayInfo,
+    layout: ChunkLayout,
+    decoder: Arc<dyn ChunkDecoder>,
+    npy_header: Vec<u8>,
+    /// File bytes spanned by one row of chunks along the first axis: the prefetch window.
+    chunk_row_bytes: u64,
+}
+
+/// Bytes to hand back to a reader: a slice of one cached chunk when a read falls inside one
+/// piece (no copy), else a buffer assembled from several.
+pub enum ReadBuf {
+    Owned(Vec<u8>),
+    Shared(Chunk, Range<usize>),
+}
+
+impl ReadBuf {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            ReadBuf::Owned(v) => v,
+            ReadBuf::Shared(c, r) => &c[r.clone()],
+        }
+    }
+}
+
+/// Per-open-file state of the sequential-read detector.
+#[derive(Debug, Default)]
+struct Handle {
+    /// End of the previous read: a read starting near it continues a scan.
+    last_end: u64,
+    /// Flat-file offset up to which chunks have been handed to the prefetcher.
+    prefetched_until: u64,
+}
+
+/// How far from the previous read's end a read may start and still count as sequential: the
+/// kernel's readahead and several FUSE threads deliver a scan's reads slightly out of order.
+const SEQUENTIAL_SLACK: u64 = 4 << 20;
+
+pub struct ZarrFs {
+    nodes: Vec<Node>,
+    groups: Vec<GroupInfo>,
+    arrays: Arc<Vec<MountedArray>>,
+    cache: Arc<ChunkCache>,
+    pool: rayon::ThreadPool,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    bytes_served: AtomicU64,
+    options: FsOptions,
+}
+
+impl ZarrFs {
+    /// Build the tree. `root_array_name` names the files of a store whose root is an array.
+    pub fn new(
+        groups: Vec<GroupInfo>,
+        arrays: Vec<OpenArray>,
+        root_array_name: &str,
+        options: FsOptions,
+    ) -> Result<ZarrFs, String> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.decode_threads.max(1))
+            .thread_name(|i| format!("zarrfs-decode-{i}"))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let root_mtime = groups.iter().find(|g| g.path == "/").map(|g| g.mtime);
+        let mut fs = ZarrFs {
+            nodes: vec![
+                // Index 0 is unused so that an inode number is its index.
+                Node { parent: 0, kind: NodeKind::Dir { children: BTreeMap::new(), group: None }, mtime: SystemTime::UNIX_EPOCH },
+                Node {
+                    parent: ROOT_INO,
+                    kind: NodeKind::Dir { children: BTreeMap::new(), group: None },
+                    mtime: root_mtime.unwrap_or(SystemTime::UNIX_EPOCH),
+                },
+            ],
+            groups: Vec::new(),
+            arrays: Arc::new(Vec::new()),
+            cache: Arc::new(ChunkCache::new(options.cache_bytes)),
+            pool,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            bytes_served: AtomicU64::new(0),
+            options,
+        };
+        for group in groups {
+            let ino = fs.dir_for(&group.path, group.mtime);
+            let index = fs.groups.len();
+            if let NodeKind::Dir { group, .. } = &mut fs.nodes[ino as usize].kind {
+                *group = Some(index);
+            }
+            fs.groups.push(group);
+        }
+        for array in arrays {
+            let info = array.info;
+            let (parent_path, name) = if info.path == "/" {
+                ("/".to_string(), root_array_name.to_string())
+            } else {
+                let (parent, name) = info.path.rsplit_once('/').unwrap_or(("", &info.path));
+                (if parent.is_empty() { "/".to_string() } else { parent.to_string() }, name.to_string())
+            };
+            let layout = ChunkLayout::new(&info.shape, &info.decode_chunk_shape, info.itemsize)
+                .map_err(|e| format!("array {}: {e}", info.path))?;
+            let row_elems: u64 = info.shape.iter().skip(1).product();
+            let chunk_row_bytes = info.decode_chunk_shape.first().copied().unwrap_or(1) * row_elems * info.itemsize;
+            let index = fs.arrays.len();
+            let parent = fs.dir_for(&parent_path, info.mtime);
+            let data = fs.add_node(parent, &name, NodeKind::Data(index), info.mtime)?;
+            let npy = fs.add_node(parent, &format!("{name}.npy"), NodeKind::Npy(index), info.mtime);
+            if let Err(e) = npy {
+                return Err(e);
+            }
+            let _ = data;
+            Arc::get_mut(&mut fs.arrays).expect("not shared while building").push(MountedArray {
+                npy_header: npy::header(&info.dtype, &info.shape),
+                layout,
+                decoder: array.decoder,
+                chunk_row_bytes,
+                info,
+            });
+        }
+        Ok(fs)
+    }
+
+    /// The directory inode for a hierarchy path, creating it and its ancestors as needed.
+    fn dir_for(&mut self, path: &str, mtime: SystemTime) -> Ino {
+        let mut ino = ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let existing = match &self.nodes[ino as usize].kind {
+                NodeKind::Dir { children, .. } => children.get(OsStr::new(part)).copied(),
+                _ => None,
+            };
+            ino = match existing {
+                Some(child) => child,
+                None => self
+                    .add_node(ino, part, NodeKind::Dir { children: BTreeMap::new(), group: None }, mtime)
+                    .expect("a new directory name is free"),
+            };
+        }
+        ino
+    }
+
+    fn add_node(&mut self, parent: Ino, name: &str, kind: NodeKind, mtime: SystemTime) -> Result<Ino, String> {
+        let ino = self.nodes.len() as Ino;
+        let NodeKind::Dir { children, .. } = &mut self.nodes[parent as usize].kind else {
+            return Err(format!("{name}: parent is not a directory"));
+        };
+        if children.contains_key(OsStr::new(name)) {
+            return Err(format!("two entries would be named {name:?}"));
+        }
+        children.insert(name.into(), ino);
+        self.nodes.push(Node { parent, kind, mtime });
+        Ok(ino)
+    }
+
+    fn node(&self, ino: Ino) -> Result<&Node, Errno> {
+        match self.nodes.get(ino as usize) {
+            Some(node) if ino != 0 => Ok(node),
+            _ => Err(libc::ENOENT),
+        }
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr, Errno> {
+        let node = self.node(ino)?;
+        let (kind, size, perm, nlink) = match &node.kind {
+            NodeKind::Dir { children, .. } => {
+                let subdirs = children
+                    .values()
+                    .filter(|c| matches!(self.nodes[**c as usize].kind, NodeKind::Dir { .. }))
+                    .count() as u32;
+                (FileKind::Directory, 0, 0o555, 2 + subdirs)
+            }
+            NodeKind::Data(a) => (FileKind::File, self.arrays[*a].layout.file_size(), 0o444, 1),
+            NodeKind::Npy(a) => {
+                let a = &self.arrays[*a];
+                (FileKind::File, a.npy_header.len() as u64 + a.layout.file_size(), 0o444, 1)
+            }
+        };
+        Ok(Attr { ino, kind, size, perm, nlink, uid: self.options.uid, gid: self.options.gid, mtime: node.mtime })
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr, Errno> {
+        match &self.node(parent)?.kind {
+            NodeKind::Dir { children, .. } => self.getattr(*children.get(name).ok_or(libc::ENOENT)?),
+            _ => Err(libc::ENOTDIR),
+        }
+    }
+
+    /// Entries of a directory, "." and ".." first.
+    pub fn readdir(&self, ino: Ino) -> Result<Vec<(Ino, FileKind, OsString)>, Errno> {
+        let node = self.node(ino)?;
+        let NodeKind::Dir { children, .. } = &node.kind else { return Err(libc::ENOTDIR) };
+        let mut entries = vec![(ino, FileKind::Directory, ".".into()), (node.parent, FileKind::Directory, "..".into())];
+        for (name, child) in children {
+            let kind = match self.nodes[*child as usize].kind {
+                NodeKind::Dir { .. } => FileKind::Directory,
+                _ => FileKind::File,
+            };
+            entries.push((*child, kind, name.clone()));
+        }
+        Ok(entries)
+    }
+
+    /// Open a file for reading; returns the handle that later reads carry.
+    pub fn open(&self, ino: Ino, write: bool) -> Result<u64, Errno> {
+        match self.node(ino)?.kind {
+            NodeKind::Dir { .. } => return Err(libc::EISDIR),
+            _ if write => return Err(libc::EROFS),
+            _ => {}
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(fh, Handle::default());
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    /// Read `size` bytes at `offset` of a file (short at end of file, empty past it).
+    pub fn read(&self, ino: Ino, fh: Option<u64>, offset: u64, size: u32) -> Result<ReadBuf, Errno> {
+        let (index, header): (usize, &[u8]) = match self.node(ino)?.kind {
+            NodeKind::Data(a) => (a, &[]),
+            NodeKind::Npy(a) => (a, &self.arrays[a].npy_header),
+            NodeKind::Dir { .. } => return Err(libc::EISDIR),
+        };
+        let array = &self.arrays[index];
+        let file_size = header.len() as u64 + array.layout.file_size();
+        let end = offset.saturating_add(size as u64).min(file_size);
+        if offset >= end {
+            return Ok(ReadBuf::Owned(Vec::new()));
+        }
+        let header_len = header.len() as u64;
+        // The part of the request that falls in the array's data.
+        let data_start = offset.max(header_len) - header_len;
+        let data_end = end.saturating_sub(header_len);
+        if let Some(fh) = fh {
+            self.note_read_and_prefetch(fh, index, data_start, data_end);
+        }
+        let pieces = array.layout.pieces(data_start, data_end.saturating_sub(data_start));
+        // Pieces of a multi-dimensional read alternate between chunks row by row.
+        let mut slot_of: HashMap<&[u64], usize> = HashMap::new();
+        let mut distinct: Vec<&[u64]> = Vec::new();
+        let slots: Vec<usize> = pieces
+            .iter()
+            .map(|p| {
+                *slot_of.entry(p.chunk.as_slice()).or_insert_with(|| {
+                    distinct.push(p.chunk.as_slice());
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let chunks = self.fetch(index, &distinct)?;
+        let head = offset < header_len;
+        self.bytes_served.fetch_add(end - offset, Ordering::Relaxed);
+        if !head && pieces.len() == 1 {
+            let p = &pieces[0];
+            let start = p.chunk_offset as usize;
+            return Ok(ReadBuf::Shared(chunks[0].clone(), start..start + p.len as usize));
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        let data_out = if head {
+            let n = (header_len.min(end) - offset) as usize;
+            out[..n].copy_from_slice(&header[offset as usize..offset as usize + n]);
+            n
+        } else {
+            0
+        };
+        for (p, slot) in pieces.iter().zip(slots) {
+            let chunk = &chunks[slot];
+            let dst = data_out + p.out_offset as usize;
+            let src = p.chunk_offset as usize;
+            out[dst..dst + p.len as usize].copy_from_slice(&chunk[src..src + p.len as usize]);
+        }
+        Ok(ReadBuf::Owned(out))
+    }
+
+    /// Decode (or find in the cache) each distinct chunk, the missing ones in parallel on the
+    /// decode pool. Returns the chunks in the order given.
+    fn fetch(&self, array: usize, distinct: &[&[u64]]) -> Result<Vec<Chunk>, Errno> {
+        let a = &self.arrays[array];
+        let load = |c: &&[u64]| load_chunk(&self.cache, array, a, c);
+        let results: Vec<Result<Chunk, Errno>> = if distinct.len() == 1 {
+            distinct.iter().map(load).collect()
+        } else {
+            self.pool.install(|| distinct.par_iter().map(load).collect())
+        };
+        results.into_iter().collect()
+    }
+
+    /// Sequential-read detection: when a read continues the previous one, hand the chunks of
+    /// the next window of the file to the decode pool so they are ready before they are asked
+    /// for. The window is one row of chunks (so a full scan keeps every decode thread busy),
+    /// limited to what the cache can hold beside the stripe being read.
+    fn note_read_and_prefetch(&self, fh: u64, array: usize, start: u64, end: u64) {
+        let a = &self.arrays[array];
+        let (from, to) = {
+            let mut handles = self.handles.lock().unwrap();
+            let Some(h) = handles.get_mut(&fh) else { return };
+            let sequential = start == 0
+                || (start + SEQUENTIAL_SLACK >= h.last_end && start <= h.last_end + SEQUENTIAL_SLACK);
+            h.last_end = end;
+            if !sequential {
+                h.prefetched_until = end;
+                return;
+            }
+            let window = a.chunk_row_bytes.max(2 * self.options.decode_threads as u64 * a.layout.chunk_bytes());
+            let target = end.saturating_add(window).min(a.layout.file_size());
+            let from = h.prefetched_until.max(end);
+            if target <= from {
+                return;
+            }
+            h.prefetched_until = target;
+            (from, target)
+        };
+        let room = self.cache.budget().saturating_sub(a.layout.stripe_bytes());
+        let max_chunks = (room / a.layout.chunk_bytes().max(1)) as usize;
+        for chunk in a.layout.chunks_touched(from, to - from).into_iter().take(max_chunks) {
+            if self.cache.is_present_or_loading(chunk_key(array, a, &chunk)) {
+                continue;
+            }
+            let (cache, arrays) = (self.cache.clone(), self.arrays.clone());
+            self.pool.spawn(move || {
+                // Failures surface when a reader asks for the chunk; nothing to report here.
+                let _ = load_chunk(&cache, array, &arrays[array], &chunk);
+            });
+        }
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        let bytes: u64 = (1..self.nodes.len() as Ino).filter_map(|i| self.getattr(i).ok()).map(|a| a.size).sum();
+        StatFs { block_size: 4096, blocks: bytes.div_ceil(4096), files: self.nodes.len() as u64 - 1, name_len: 255 }
+    }
+
+    /// Names of the extended attributes of a node.
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<String>, Errno> {
+        let mut names: Vec<String> = self.xattrs(ino)?.into_iter().map(|(k, _)| k).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        let name = name.to_str().ok_or(libc::ENODATA)?;
+        self.xattrs(ino)?
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_bytes())
+            .ok_or(libc::ENODATA)
+    }
+
+    /// Arrays describe themselves (shape, dtype, ...); groups carry their attributes; the root
+    /// also carries the live counters, which is how a filesystem can expose them without
+    /// inventing files that might collide with array names.
+    fn xattrs(&self, ino: Ino) -> Result<Vec<(String, String)>, Errno> {
+        let node = self.node(ino)?;
+        let mut out = Vec::new();
+        match &node.kind {
+            NodeKind::Data(a) | NodeKind::Npy(a) => {
+                let a = &self.arrays[*a];
+                let i = &a.info;
+                out.push(("user.zarr.path".into(), i.path.clone()));
+                out.push(("user.zarr.shape".into(), json!(i.shape).to_string()));
+                out.push(("user.zarr.dtype".into(), i.dtype.clone()));
+                out.push(("user.zarr.chunks".into(), json!(i.chunks).to_string()));
+                out.push(("user.zarr.fill_value".into(), i.fill_value.to_string()));
+                out.push(("user.zarr.attributes".into(), i.attributes.to_string()));
+                out.push(("user.zarr.codecs".into(), i.codecs.to_string()));
+                out.push(("user.zarr.zarr_format".into(), i.zarr_format.to_string()));
+                if matches!(node.kind, NodeKind::Npy(_)) {
+                    out.push(("user.npy.data_offset".into(), a.npy_header.len().to_string()));
+                }
+            }
+            NodeKind::Dir { group, .. } => {
+                if let Some(g) = group {
+                    out.push(("user.zarr.attributes".into(), self.groups[*g].attributes.to_string()));
+                }
+                if ino == ROOT_INO {
+                    out.push(("user.zarrfs.stats".into(), self.stats_json().to_string()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.cache.snapshot()
+    }
+
+    /// Counters as JSON, for the root's `user.zarrfs.stats` and the unmount log.
+    pub fn stats_json(&self) -> Value {
+        let s = self.cache.snapshot();
+        json!({
+            "chunks_decoded": s.decodes,
+            "decode_errors": s.decode_errors,
+            "cache_hits": s.hits,
+            "cache_misses": s.misses,
+            "evictions": s.evictions,
+            "decoded_bytes": s.decoded_bytes,
+            "decode_seconds": s.decode_nanos as f64 / 1e9,
+            "cached_bytes": s.cached_bytes,
+            "cached_chunks": s.cached_chunks,
+            "cache_budget_bytes": s.budget_bytes,
+            "bytes_served": self.bytes_served.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Arrays whose stripe (one row of chunks) does not fit the cache: a row-major scan of them
+    /// decodes chunks more than once. Returned as (path, bytes needed).
+    pub fn stripes_exceeding_cache(&self) -> Vec<(String, u64)> {
+        self.arrays
+            .iter()
+            .filter(|a| a.layout.stripe_bytes() > self.cache.budget())
+            .map(|a| (a.info.path.clone(), a.layout.stripe_bytes()))
+            .collect()
+    }
+}
+
+fn chunk_key(array: usize, a: &MountedArray, chunk: &[u64]) -> ChunkKey {
+    (array as u32, a.layout.chunk_linear(chunk))
+}
+
+/// One chunk of array number `array`, from the cache or decoded now. Shared by reads and the
+/// prefetcher so both go through the same single-flight path and the same size check.
+fn load_chunk(cache: &ChunkCache, array: usize, a: &MountedArray, chunk: &[u64]) -> Result<Chunk, Errno> {
+    cache
+        .get_or_load(chunk_key(array, a, chunk), || {
+            let bytes = a.decoder.decode(chunk)?;
+            if bytes.len() as u64 != a.layout.chunk_bytes() {
+                return Err(DecodeError {
+                    key: format!("{chunk:?}"),
+                    reason: format!("decoded {} bytes, expected {}", bytes.len(), a.layout.chunk_bytes()),
+                });
+            }
+            Ok(bytes)
+        })
+        .map_err(|e| {
+            log::error!("{}: {e}", a.info.path);
+            libc::EIO
+        })
+}

@@ -8,4 +8,5 @@ pub mod fs;
 pub mod fuse;
 pub mod layout;
 pub mod npy;
+pub mod options;
 pub mod source;

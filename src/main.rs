@@ -1,3 +1,465 @@
-fn main() {
-    println!("Hello, world!");
+//! The `zarrfs` command: arguments, logging, the daemon, signals.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use zarrfs::fs::{FsOptions, ZarrFs};
+use zarrfs::fuse::FuseAdapter;
+use zarrfs::options::{apply_options, parse_size, MountSettings};
+use zarrfs::source::Store;
+
+#[derive(Parser)]
+#[command(name = "zarrfs", version, about = "Mount Zarr arrays as flat, memory-mappable files")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount STORE at MOUNTPOINT (read-only). Returns once the mount is live.
+    Mount(MountArgs),
+    /// Describe the arrays of STORE.
+    Info {
+        store: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    store: PathBuf,
+    mountpoint: PathBuf,
+    /// Stay in the foreground and log to stderr (level from RUST_LOG, default "warn").
+    #[arg(short, long)]
+    foreground: bool,
+    /// Mount options, comma-separated: cache_size=SIZE, threads=N, decode_threads=N,
+    /// allow_other, log_file=PATH, readahead_kb=N, and generic flags (nodev, noatime, ...).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Byte budget of the decoded-chunk cache, e.g. 512M or 2G [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
+    /// FUSE request threads [default: 4].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Chunk decoding threads [default: number of cores].
+    #[arg(long)]
+    decode_threads: Option<usize>,
+    /// Let other users read the mount.
+    #[arg(long)]
+    allow_other: bool,
+    /// Where the daemon logs (default: nowhere once detached).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<String>,
+    /// Internal: the pipe on which a detached daemon reports that the mount is live.
+    #[arg(long, hide = true)]
+    ready_fd: Option<RawFd>,
+}
+
+impl MountArgs {
+    fn settings(&self) -> Result<MountSettings, String> {
+        let mut s = MountSettings::default();
+        for o in &self.options {
+            apply_options(&mut s, o)?;
+        }
+        if let Some(size) = &self.cache_size {
+            s.cache_bytes = parse_size(size)?;
+        }
+        if let Some(n) = self.threads.filter(|n| *n > 0) {
+            s.threads = n;
+        }
+        if let Some(n) = self.decode_threads.filter(|n| *n > 0) {
+            s.decode_threads = n;
+        }
+        s.allow_other |= self.allow_other;
+        s.foreground |= self.foreground;
+        if self.log_file.is_some() {
+            s.log_file = self.log_file.clone();
+        }
+        Ok(s)
+    }
+}
+
+/// `mount -t fuse.zarrfs` runs `zarrfs STORE MOUNTPOINT -o OPTS`: no subcommand. Treat any
+/// first argument that is not a subcommand or a flag as the start of a mount.
+fn normalized_args() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
+        let known = ["mount", "info", "help"];
+        if !known.contains(&first) && !first.starts_with('-') {
+            args.insert(1, "mount".into());
+        }
+    }
+    args
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(normalized_args()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let result = match cli.command {
+        Command::Info { store, json } => info(&store, json),
+        Command::Mount(args) => mount(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("zarrfs: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
+    let store = Store::open(store_path).map_err(|e| e.to_string())?;
+    let rows: Vec<_> = store
+        .arrays
+        .iter()
+        .map(|a| {
+            let i = &a.info;
+            let nbytes = i.shape.iter().product::<u64>() * i.itemsize;
+            let stored = stored_bytes(&store_path.join(i.path.trim_start_matches('/')));
+            (i, nbytes, stored)
+        })
+        .collect();
+    if as_json {
+        let arrays: Vec<_> = rows
+            .iter()
+            .map(|(i, nbytes, stored)| {
+                json!({"path": i.path, "dtype": i.dtype, "shape": i.shape, "chunks": i.chunks,
+                       "decode_chunks": i.decode_chunk_shape, "codecs": i.codecs,
+                       "fill_value": i.fill_value, "nbytes": nbytes, "stored_bytes": stored,
+                       "zarr_format": i.zarr_format})
+            })
+            .collect();
+        let skipped: Vec<_> = store.skipped.iter().map(|s| json!({"path": s.path, "reason": s.reason})).collect();
+        let doc = json!({"store": store_path, "zarr_format": store.zarr_format, "arrays": arrays, "skipped": skipped});
+        println!("{}", serde_json::to_string_pretty(&doc).expect("JSON values serialise"));
+        return Ok(());
+    }
+    println!("{} (Zarr v{})", store_path.display(), store.zarr_format);
+    println!("{:<28} {:<6} {:<20} {:<16} {:>12} {:>12}  codecs", "path", "dtype", "shape", "chunks", "size", "stored");
+    for (i, nbytes, stored) in &rows {
+        println!(
+            "{:<28} {:<6} {:<20} {:<16} {:>12} {:>12}  {}",
+            i.path,
+            i.dtype,
+            format!("{:?}", i.shape),
+            format!("{:?}", i.chunks),
+            human(*nbytes),
+            human(*stored),
+            codec_names(&i.codecs)
+        );
+    }
+    for s in &store.skipped {
+        println!("{:<28} skipped: {}", s.path, s.reason);
+    }
+    Ok(())
+}
+
+/// The codec names of a metadata codecs document, e.g. "bytes, zstd".
+fn codec_names(codecs: &serde_json::Value) -> String {
+    let mut names = Vec::new();
+    fn walk(v: &serde_json::Value, names: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, names)),
+            serde_json::Value::Object(map) => {
+                if let Some(n) = map.get("name").or_else(|| map.get("id")).and_then(|n| n.as_str()) {
+                    names.push(n.to_string());
+                }
+                for (k, v) in map {
+                    if k == "compressor" || k == "filters" || k == "configuration" || k == "codecs" {
+                        walk(v, names);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    walk(codecs, &mut names);
+    names.join(", ")
+}
+
+/// Bytes the array's chunks occupy in the store (its directory, metadata included).
+fn stored_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => stored_bytes(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+fn mount(args: &MountArgs) -> Result<(), String> {
+    let settings = args.settings()?;
+    if !settings.foreground {
+        return spawn_daemon();
+    }
+    serve(&args.store, &args.mountpoint, &settings, args.ready_fd)
+}
+
+/// Run this same command again in the foreground, detached in its own session, and wait until
+/// it reports the mount live (exit 0) or exits with its error (already printed on our stderr,
+/// which it shares until it is live).
+fn spawn_daemon() -> Result<(), String> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills the two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("cannot create a pipe: {}", std::io::Error::last_os_error()));
+    }
+    let (read_fd, write_fd) = (fds[0], fds[1]);
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let mut args = normalized_args();
+    args.remove(0);
+    args.extend(["--foreground".into(), "--ready-fd".into(), write_fd.to_string().into()]);
+    let mut command = std::process::Command::new(exe);
+    command.args(args).stdin(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            if libc::fcntl(write_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = command.spawn();
+    // SAFETY: both fds are ours; the child holds its own copy of the write end.
+    unsafe { libc::close(write_fd) };
+    let mut child = spawned.map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let mut report = String::new();
+    // SAFETY: read_fd is an open fd we own; File takes ownership and closes it.
+    let _ = unsafe { std::fs::File::from_raw_fd(read_fd) }.read_to_string(&mut report);
+    if report.starts_with("ready") {
+        return Ok(());
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    // The daemon printed its own error; exit with its status without adding a second line.
+    std::process::exit(status.code().unwrap_or(1).max(1));
+}
+
+/// Signals that end a mount; blocked in every thread and taken by one waiting thread.
+fn termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_fd: Option<RawFd>) -> Result<(), String> {
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = termination_signals();
+    // SAFETY: setting this thread's mask with a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+
+    let store = Store::open(store_path).map_err(|e| e.to_string())?;
+    let mountpoint = check_mountpoint(mountpoint)?;
+    let store_abs = std::fs::canonicalize(store_path).unwrap_or_else(|_| store_path.to_path_buf());
+    let root_name = root_array_name(&store_abs);
+    let options = FsOptions {
+        cache_bytes: settings.cache_bytes,
+        decode_threads: settings.decode_threads,
+        // SAFETY: trivial libc getters.
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+    };
+    let fs = Arc::new(
+        ZarrFs::new(store.groups, store.arrays, &root_name, options)
+            .map_err(|e| format!("{}: {e}", store_path.display()))?,
+    );
+    for (path, needed) in fs.stripes_exceeding_cache() {
+        eprintln!(
+            "zarrfs: warning: {}: array {path}: one row of chunks needs {} but the cache holds {}; \
+             row-major scans will decode chunks more than once (use --cache-size {} or more)",
+            store_path.display(),
+            human(needed),
+            human(settings.cache_bytes),
+            size_arg(needed)
+        );
+    }
+
+    let config = fuse_config(&store_abs, settings);
+    let adapter = FuseAdapter { fs: fs.clone() };
+    let mut session = fuser::Session::new(adapter, &mountpoint, &config)
+        .map_err(|e| format!("{}: cannot mount: {e}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    set_readahead(&mountpoint, settings.readahead_kb);
+    log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
+
+    if let Some(fd) = ready_fd {
+        detach(fd, settings.log_file.as_deref())?;
+    }
+    let mp = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("zarrfs-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: waiting on the blocked set.
+            unsafe { libc::sigwait(&signals, &mut sig) };
+            log::info!("signal {sig}: unmounting {}", mp.display());
+            if let Err(e) = unmounter.unmount() {
+                // Busy (a process still has a file open): detach now, finish when released.
+                log::warn!("unmount {}: {e}; detaching lazily", mp.display());
+                if let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) {
+                    // SAFETY: valid C string.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let result = session.run();
+    log::info!("unmounted {}; counters: {}", mountpoint.display(), fs.stats_json());
+    result.map_err(|e| format!("{}: {e}", mountpoint.display()))
+}
+
+fn fuse_config(store_abs: &Path, settings: &MountSettings) -> fuser::Config {
+    use fuser::MountOption as O;
+    let mut mount_options = vec![
+        O::FSName(store_abs.display().to_string()),
+        O::Subtype("zarrfs".into()),
+        O::RO,
+        O::DefaultPermissions,
+        O::NoSuid,
+        O::NoDev,
+    ];
+    for flag in &settings.passthrough {
+        mount_options.push(O::CUSTOM(flag.clone()));
+    }
+    let mut config = fuser::Config::default();
+    if settings.allow_other {
+        mount_options.push(O::CUSTOM("allow_other".into()));
+        config.acl = fuser::SessionACL::All;
+    }
+    config.mount_options = mount_options;
+    config.n_threads = Some(settings.threads);
+    config.clone_fd = true;
+    config
+}
+
+/// The mount is live: tell the waiting parent, then let go of its terminal.
+fn detach(ready_fd: RawFd, log_file: Option<&str>) -> Result<(), String> {
+    // SAFETY: the fd was handed to us by the parent for exactly this.
+    let mut pipe = unsafe { std::fs::File::from_raw_fd(ready_fd) };
+    let _ = pipe.write_all(b"ready\n");
+    drop(pipe);
+    let target = match log_file {
+        Some(path) => std::fs::OpenOptions::new().create(true).append(true).open(path),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    }
+    .map_err(|e| format!("log file: {e}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: duplicating a valid fd onto the standard ones.
+    unsafe {
+        libc::dup2(target.as_raw_fd(), 1);
+        libc::dup2(target.as_raw_fd(), 2);
+    }
+    Ok(())
+}
+
+/// A mount point must exist, be a directory and not already carry a mount.
+fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, String> {
+    let name = mountpoint.display();
+    let meta = std::fs::metadata(mountpoint).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("mount point {name}: no such directory"),
+        _ => format!("mount point {name}: {e}"),
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("mount point {name}: not a directory"));
+    }
+    let abs = std::fs::canonicalize(mountpoint).map_err(|e| format!("mount point {name}: {e}"))?;
+    if mount_device(&abs).is_some() {
+        return Err(format!("mount point {name}: already a mount point (unmount it first)"));
+    }
+    Ok(abs)
+}
+
+/// The device (major, minor) of the mount at exactly `mountpoint`, from /proc/self/mountinfo
+/// (never `stat`, which would ask our own not-yet-serving filesystem and deadlock).
+fn mount_device(mountpoint: &Path) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = mountpoint.to_str()?;
+    text.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = unescape_mountinfo(fields.get(4)?);
+        if point != want {
+            return None;
+        }
+        let (major, minor) = fields.get(2)?.split_once(':')?;
+        Some((major.parse().ok()?, minor.parse().ok()?))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// FUSE caps readahead at 128 KiB at INIT; the mount's bdi takes a larger value afterwards,
+/// which lets a sequential scan keep several chunk decodes in flight.
+fn set_readahead(mountpoint: &Path, kb: u32) {
+    let Some((major, minor)) = mount_device(mountpoint) else { return };
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, kb.to_string()) {
+        log::debug!("{path}: {e}");
+    }
+}
+
+/// Files of a store whose root is an array are named after the store: `temp.zarr` → `temp`.
+fn root_array_name(store_abs: &Path) -> String {
+    let base = store_abs.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = base.strip_suffix(".zarr").unwrap_or(base);
+    if name.is_empty() { "array".into() } else { name.into() }
+}
+
+/// A size rounded up to whole MiB, as `--cache-size` takes it.
+fn size_arg(bytes: u64) -> String {
+    format!("{}M", bytes.div_ceil(1 << 20))
 }

@@ -1,1 +1,328 @@
-//! TODO
+//! The only module that talks to zarrs: open a store, walk its hierarchy, decode chunks.
+//!
+//! Everything above this module sees arrays as [`ArrayInfo`] (plain geometry and metadata) plus
+//! a [`ChunkDecoder`] that turns grid indices into the decoded chunk bytes. That keeps the
+//! filesystem testable with in-memory decoders and leaves room for other kinds of source.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
+use zarrs::filesystem::FilesystemStore;
+use zarrs::node::{Node, NodeMetadata};
+use zarrs::array::CodecOptions;
+
+/// Why a chunk could not be produced. Shown in the log; the reader gets `EIO`.
+#[derive(Debug, Clone)]
+pub struct DecodeError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "chunk {}: {}", self.key, self.reason)
+    }
+}
+
+/// Produces decoded chunks of one array: C order, native endian, always at the full chunk shape
+/// (edge chunks padded), missing chunks filled with the fill value.
+pub trait ChunkDecoder: Send + Sync {
+    fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError>;
+}
+
+/// What the filesystem needs to know about an array, independent of how it is stored.
+#[derive(Debug, Clone)]
+pub struct ArrayInfo {
+    /// Hierarchy path, "/" for a root array, "/grp/temp" otherwise.
+    pub path: String,
+    /// numpy typestr of the flat file's elements (native byte order), e.g. "<f4".
+    pub dtype: String,
+    pub itemsize: u64,
+    pub shape: Vec<u64>,
+    /// The chunk shape written in the metadata (the shard shape for sharded arrays).
+    pub chunks: Vec<u64>,
+    /// The unit zarrs decodes and we cache: the inner chunk of a sharded array, else the chunk.
+    pub decode_chunk_shape: Vec<u64>,
+    pub fill_value: Value,
+    pub attributes: Value,
+    pub codecs: Value,
+    pub zarr_format: u8,
+    /// Modification time of the array's metadata document.
+    pub mtime: SystemTime,
+}
+
+/// A group of the hierarchy.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    pub path: String,
+    pub attributes: Value,
+    pub mtime: SystemTime,
+}
+
+/// An array that cannot be shown as a flat file, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+/// An opened array: its description and the decoder that serves its chunks.
+#[derive(Clone)]
+pub struct OpenArray {
+    pub info: ArrayInfo,
+    pub decoder: Arc<dyn ChunkDecoder>,
+}
+
+/// An opened store: every group and every array that can be mounted.
+pub struct Store {
+    pub location: PathBuf,
+    pub zarr_format: u8,
+    pub root_is_array: bool,
+    pub groups: Vec<GroupInfo>,
+    pub arrays: Vec<OpenArray>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Why a store could not be opened. Always names the store.
+#[derive(Debug)]
+pub struct OpenError {
+    pub store: PathBuf,
+    pub reason: String,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.store.display(), self.reason)
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+impl Store {
+    /// Open a local Zarr v2 or v3 store and walk its whole hierarchy. Fails on anything that makes
+    /// the store unreadable as a whole (missing, not Zarr, invalid or unsupported metadata);
+    /// arrays whose elements have no fixed size are skipped instead.
+    pub fn open(location: &Path) -> Result<Store, OpenError> {
+        let err = |reason: String| OpenError { store: location.to_path_buf(), reason };
+        let meta = std::fs::metadata(location).map_err(|e| err(io_reason(&e)))?;
+        if !meta.is_dir() {
+            return Err(err("not a directory (a Zarr store is a directory)".into()));
+        }
+        let storage = Arc::new(FilesystemStore::new(location).map_err(|e| err(e.to_string()))?);
+        let root = Node::open(&storage, "/").map_err(|e| err(one_line(&e.to_string())))?;
+        let mut store = Store {
+            location: location.to_path_buf(),
+            zarr_format: 3,
+            root_is_array: matches!(root.metadata(), NodeMetadata::Array(_)),
+            groups: Vec::new(),
+            arrays: Vec::new(),
+            skipped: Vec::new(),
+        };
+        store.zarr_format = node_zarr_format(root.metadata());
+        store.walk(&storage, &root).map_err(err)?;
+        Ok(store)
+    }
+
+    fn walk(&mut self, storage: &Arc<FilesystemStore>, node: &Node) -> Result<(), String> {
+        let path = node.path().as_str().to_string();
+        match node.metadata() {
+            NodeMetadata::Group(group) => {
+                let attributes = match group {
+                    zarrs::metadata::GroupMetadata::V3(g) => Value::Object(g.attributes.clone()),
+                    zarrs::metadata::GroupMetadata::V2(g) => Value::Object(g.attributes.clone()),
+                };
+                self.groups.push(GroupInfo {
+                    mtime: metadata_mtime(&self.location, &path),
+                    path,
+                    attributes,
+                });
+                let mut children: Vec<&Node> = node.children().iter().collect();
+                children.sort_by(|a, b| a.path().as_str().cmp(b.path().as_str()));
+                for child in children {
+                    self.walk(storage, child)?;
+                }
+            }
+            NodeMetadata::Array(metadata) => {
+                let mtime = metadata_mtime(&self.location, &path);
+                match open_array(storage, &path, metadata.clone(), mtime)? {
+                    Ok(array) => self.arrays.push(array),
+                    Err(reason) => {
+                        log::warn!("{}: skipping array {path}: {reason}", self.location.display());
+                        self.skipped.push(Skipped { path, reason });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn node_zarr_format(metadata: &NodeMetadata) -> u8 {
+    match metadata {
+        NodeMetadata::Array(ArrayMetadata::V2(_)) => 2,
+        NodeMetadata::Group(zarrs::metadata::GroupMetadata::V2(_)) => 2,
+        _ => 3,
+    }
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or directory".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// zarrs errors can span lines (serde's context); the user gets one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The newest modification time among the metadata documents of a node.
+fn metadata_mtime(location: &Path, node_path: &str) -> SystemTime {
+    let dir = location.join(node_path.trim_start_matches('/'));
+    ["zarr.json", ".zarray", ".zgroup", ".zattrs"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(dir.join(name)).and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Outer `Err` fails the whole store (invalid/unsupported metadata); inner `Err` skips the array.
+fn open_array(
+    storage: &Arc<FilesystemStore>,
+    path: &str,
+    metadata: ArrayMetadata,
+    mtime: SystemTime,
+) -> Result<Result<OpenArray, String>, String> {
+    let (zarr_format, codecs, attributes, regular, fill_value) = match &metadata {
+        ArrayMetadata::V3(m) => (
+            3,
+            serde_json::to_value(&m.codecs).unwrap_or(Value::Null),
+            Value::Object(m.attributes.clone()),
+            m.chunk_grid.name() == "regular",
+            serde_json::to_value(&m.fill_value).unwrap_or(Value::Null),
+        ),
+        ArrayMetadata::V2(m) => (
+            2,
+            json!({"compressor": m.compressor, "filters": m.filters, "order": m.order}),
+            Value::Object(m.attributes.clone()),
+            true,
+            serde_json::to_value(&m.fill_value).unwrap_or(Value::Null),
+        ),
+    };
+    let array = Array::new_with_metadata(storage.clone(), path, metadata)
+        .map_err(|e| format!("array {path}: {}", one_line(&e.to_string())))?;
+    let data_type = array.data_type();
+    let Some(itemsize) = data_type.fixed_size() else {
+        return Ok(Err("elements have no fixed size (variable-length data type)".into()));
+    };
+    let Some(dtype) = numpy_typestr(&data_type.name_v3().unwrap_or_default(), itemsize) else {
+        return Ok(Err(format!(
+            "data type {} has no numpy equivalent",
+            data_type.name_v3().unwrap_or_default()
+        )));
+    };
+    if !regular {
+        return Ok(Err("only regular chunk grids can be flattened".into()));
+    }
+    let zeros = vec![0u64; array.dimensionality()];
+    let chunks: Vec<u64> = array
+        .chunk_shape(&zeros)
+        .map_err(|e| format!("array {path}: {e}"))?
+        .iter()
+        .map(|c| c.get())
+        .collect();
+    let sharded = if array.is_exclusively_sharded() {
+        array
+            .effective_subchunk_shape()
+            .map(|s| s.iter().map(|c| c.get()).collect::<Vec<u64>>())
+    } else {
+        None
+    };
+    let info = ArrayInfo {
+        path: path.to_string(),
+        dtype,
+        itemsize: itemsize as u64,
+        shape: array.shape().to_vec(),
+        decode_chunk_shape: sharded.clone().unwrap_or_else(|| chunks.clone()),
+        chunks,
+        fill_value,
+        attributes,
+        codecs,
+        zarr_format,
+        mtime,
+    };
+    let shard_index_cache = sharded.map(|_| ArrayShardedReadableExtCache::new(&array));
+    let decoder = ZarrsDecoder { array, shard_index_cache, options: CodecOptions::default().with_concurrent_target(1) };
+    Ok(Ok(OpenArray { info, decoder: Arc::new(decoder) }))
+}
+
+/// The numpy typestr for a zarr v3 data type name, in native byte order: zarrs hands out
+/// decoded elements in native order whatever the store's endianness.
+fn numpy_typestr(v3_name: &str, itemsize: usize) -> Option<String> {
+    let order = if cfg!(target_endian = "little") { '<' } else { '>' };
+    let kind = match v3_name {
+        "bool" => return Some("|b1".into()),
+        "int8" => return Some("|i1".into()),
+        "uint8" => return Some("|u1".into()),
+        "int16" | "int32" | "int64" => 'i',
+        "uint16" | "uint32" | "uint64" => 'u',
+        "float16" | "float32" | "float64" => 'f',
+        "complex64" | "complex128" => 'c',
+        _ if v3_name.starts_with('r') && v3_name[1..].parse::<usize>().is_ok() => {
+            return Some(format!("|V{itemsize}"))
+        }
+        _ => return None,
+    };
+    Some(format!("{order}{kind}{itemsize}"))
+}
+
+struct ZarrsDecoder {
+    array: Array<FilesystemStore>,
+    /// Present for sharded arrays: we decode inner chunks, reading only their byte ranges.
+    shard_index_cache: Option<ArrayShardedReadableExtCache>,
+    options: CodecOptions,
+}
+
+impl ZarrsDecoder {
+    fn key(&self, chunk: &[u64]) -> String {
+        match &self.shard_index_cache {
+            None => self.array.chunk_key(chunk).to_string(),
+            Some(_) => format!("inner chunk {chunk:?} of array {}", self.array.path()),
+        }
+    }
+}
+
+impl ChunkDecoder for ZarrsDecoder {
+    fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
+        let bytes: Result<ArrayBytes<'static>, _> = match &self.shard_index_cache {
+            None => self.array.retrieve_chunk_opt(chunk, &self.options),
+            Some(cache) => self.array.retrieve_subchunk_opt(cache, chunk, &self.options),
+        };
+        let err = |reason: String| DecodeError { key: self.key(chunk), reason };
+        let bytes = bytes.map_err(|e| err(one_line(&e.to_string())))?;
+        let fixed = bytes.into_fixed().map_err(|e| err(e.to_string()))?;
+        Ok(fixed.into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numpy_typestr;
+
+    #[test]
+    fn typestrs_are_native_order() {
+        let o = if cfg!(target_endian = "little") { "<" } else { ">" };
+        assert_eq!(numpy_typestr("float32", 4).unwrap(), format!("{o}f4"));
+        assert_eq!(numpy_typestr("complex64", 8).unwrap(), format!("{o}c8"));
+        assert_eq!(numpy_typestr("uint64", 8).unwrap(), format!("{o}u8"));
+        assert_eq!(numpy_typestr("bool", 1).unwrap(), "|b1");
+        assert_eq!(numpy_typestr("r24", 3).unwrap(), "|V3");
+        assert_eq!(numpy_typestr("string", 0), None);
+    }
+}

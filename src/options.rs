@@ -1,0 +1,133 @@
+//! Mount settings from the command line and from `-o` option strings (which is how
+//! `mount -t fuse.zarrfs` and `/etc/fstab` pass them). Pure parsing, unit-tested.
+
+/// Settings of one mount, after flags and `-o` options are merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSettings {
+    pub cache_bytes: u64,
+    /// FUSE request threads.
+    pub threads: usize,
+    /// Chunk decode threads.
+    pub decode_threads: usize,
+    pub allow_other: bool,
+    pub foreground: bool,
+    pub log_file: Option<String>,
+    /// Kernel readahead for the mount, in KiB (the bdi's read_ahead_kb).
+    pub readahead_kb: u32,
+    /// Generic mount flags passed through to the kernel (nodev, noexec, noatime, ...).
+    pub passthrough: Vec<String>,
+}
+
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
+impl Default for MountSettings {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        MountSettings {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            threads: 4,
+            decode_threads: cores,
+            allow_other: false,
+            foreground: false,
+            log_file: None,
+            readahead_kb: 4096,
+            passthrough: Vec::new(),
+        }
+    }
+}
+
+/// Parse a byte size: `1073741824`, `512K`, `512M`, `2G`, `1.5G`, `1T`; the suffix may be
+/// followed by `i`/`B`/`iB`. Multiples are binary, as for `--cache-size` everywhere else.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower.trim_end_matches('b').trim_end_matches('i');
+    let (number, shift) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 40),
+        _ => (stripped, 0),
+    };
+    let bad = || format!("invalid size {text:?} (expected e.g. 512M, 2G or a number of bytes)");
+    if number.is_empty() {
+        return Err(bad());
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(bad());
+    }
+    let bytes = value * (1u64 << shift) as f64;
+    if bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Options mount(8) or mount.fuse3 may add that mean nothing to us.
+const IGNORED: &[&str] = &["ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail"];
+/// Generic VFS flags handed to the kernel unchanged.
+const PASSTHROUGH: &[&str] = &["dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "sync", "async", "dirsync"];
+
+/// Apply a comma-separated `-o` string on top of `settings`.
+pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), String> {
+    for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        fn need<'a>(key: &str, v: Option<&'a str>) -> Result<&'a str, String> {
+            v.ok_or_else(|| format!("option {key} needs a value ({key}=...)"))
+        }
+        let number = |v: Option<&str>| -> Result<usize, String> {
+            let v = need(key, v)?;
+            v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("option {key}: {v:?} is not a positive number"))
+        };
+        match key {
+            "cache_size" => settings.cache_bytes = parse_size(need(key, value)?)?,
+            "threads" => settings.threads = number(value)?,
+            "decode_threads" => settings.decode_threads = number(value)?,
+            "readahead_kb" => settings.readahead_kb = number(value)? as u32,
+            "allow_other" => settings.allow_other = true,
+            "log_file" => settings.log_file = Some(need(key, value)?.to_string()),
+            "rw" => return Err("read-write mounts are not supported; zarrfs mounts are read-only".into()),
+            k if k.starts_with("x-") || IGNORED.contains(&k) => {}
+            k if PASSTHROUGH.contains(&k) => settings.passthrough.push(k.to_string()),
+            _ => return Err(format!("unknown mount option {opt:?}")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn option_strings() {
+        let mut s = MountSettings::default();
+        apply_options(&mut s, "ro,cache_size=2G,threads=8,nodev,noatime,x-systemd.automount,allow_other").unwrap();
+        assert_eq!(s.cache_bytes, 2 << 30);
+        assert_eq!(s.threads, 8);
+        assert!(s.allow_other);
+        assert_eq!(s.passthrough, vec!["nodev", "noatime"]);
+        assert!(apply_options(&mut s, "cache_size").unwrap_err().contains("cache_size"));
+        assert!(apply_options(&mut s, "threads=0").is_err());
+        assert!(apply_options(&mut s, "frobnicate").unwrap_err().contains("frobnicate"));
+        assert!(apply_options(&mut s, "rw").unwrap_err().contains("read-only"));
+    }
+}
