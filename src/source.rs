@@ -113,7 +113,12 @@ impl Store {
             return Err(err("not a directory (a Zarr store is a directory)".into()));
         }
         let storage = Arc::new(FilesystemStore::new(location).map_err(|e| err(e.to_string()))?);
-        let root = Node::open(&storage, "/").map_err(|e| err(one_line(&e.to_string())))?;
+        let root = Node::open(&storage, "/").map_err(|e| match e {
+            zarrs::node::NodeCreateError::MissingMetadata(_) => {
+                err("not a Zarr store (no zarr.json, .zgroup or .zarray at its root)".into())
+            }
+            e => err(one_line(&e.to_string())),
+        })?;
         let mut store = Store {
             location: location.to_path_buf(),
             zarr_format: 3,

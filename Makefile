@@ -1,0 +1,61 @@
+# zarrfs: `make demo` builds and shows the main job; `make test` runs every test.
+# Both install what they need (Debian packages via apt, Python packages into .venv).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := target/release/zarrfs
+PREFIX ?= /usr/local
+# One cargo profile for everything (build, tests, benchmarks): release.
+CARGO_FLAGS := --release --locked
+
+.PHONY: all build test test-rust test-python demo bench install uninstall system-deps venv clean
+
+all: build
+
+# System packages: fuse3 (fusermount3, mount.fuse3), attr (getfattr), bsdextrautils (hexdump).
+system-deps:
+	@missing=""; \
+	command -v fusermount3 >/dev/null || missing="$$missing fuse3"; \
+	command -v getfattr >/dev/null || missing="$$missing attr"; \
+	command -v hexdump >/dev/null || missing="$$missing bsdextrautils"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first"; exit 1; }
+	@test -e /dev/fuse || { echo "/dev/fuse is missing: load the fuse module (modprobe fuse)"; exit 1; }
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+build: system-deps
+	cargo build $(CARGO_FLAGS)
+
+test: build venv
+	cargo test $(CARGO_FLAGS)
+	$(VENV)/bin/pytest -q tests/python
+
+demo: build venv
+	PY=$(PY) BIN=$(BIN) scripts/demo.sh
+
+bench: build venv
+	$(PY) scripts/bench.py
+
+install: build
+	install -D -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/zarrfs
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/zarrfs
+
+clean:
+	cargo clean
+	rm -rf $(VENV) demo bench-out
