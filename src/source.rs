@@ -13,6 +13,11 @@ use serde_json::{json, Value};
 use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::node::{Node, NodeMetadata};
+use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator, InvalidByteRangeError};
+use zarrs::storage::{
+    Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableListableStorage, ReadableListableStorageTraits,
+    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
+};
 use zarrs::array::CodecOptions;
 
 /// Why a chunk could not be produced. Shown in the log; the reader gets `EIO`.
@@ -112,7 +117,18 @@ impl Store {
         if !meta.is_dir() {
             return Err(err("not a directory (a Zarr store is a directory)".into()));
         }
-        let storage = Arc::new(FilesystemStore::new(location).map_err(|e| err(e.to_string()))?);
+        let inner = FilesystemStore::new(location).map_err(|e| err(e.to_string()))?;
+        Store::open_storage(Arc::new(ReadOnlyDir { inner }), location, Some(location))
+    }
+
+    /// Open the hierarchy held by `storage`; `location` names it in messages, `local_root` (a
+    /// directory) is where file timestamps come from when there is one.
+    pub fn open_storage(
+        storage: ReadableListableStorage,
+        location: &Path,
+        local_root: Option<&Path>,
+    ) -> Result<Store, OpenError> {
+        let err = |reason: String| OpenError { store: location.to_path_buf(), reason };
         let root = Node::open(&storage, "/").map_err(|e| match e {
             zarrs::node::NodeCreateError::MissingMetadata(_) => {
                 err("not a Zarr store (no zarr.json, .zgroup or .zarray at its root)".into())
@@ -121,18 +137,18 @@ impl Store {
         })?;
         let mut store = Store {
             location: location.to_path_buf(),
-            zarr_format: 3,
+            zarr_format: node_zarr_format(root.metadata()),
             root_is_array: matches!(root.metadata(), NodeMetadata::Array(_)),
             groups: Vec::new(),
             arrays: Vec::new(),
             skipped: Vec::new(),
         };
-        store.zarr_format = node_zarr_format(root.metadata());
-        store.walk(&storage, &root).map_err(err)?;
+        store.walk(&storage, local_root, &root).map_err(err)?;
         Ok(store)
     }
 
-    fn walk(&mut self, storage: &Arc<FilesystemStore>, node: &Node) -> Result<(), String> {
+    fn walk(&mut self, storage: &ReadableListableStorage, local_root: Option<&Path>, node: &Node) -> Result<(), String> {
+        let mtime = |path: &str| local_root.map_or(SystemTime::UNIX_EPOCH, |root| metadata_mtime(root, path));
         let path = node.path().as_str().to_string();
         match node.metadata() {
             NodeMetadata::Group(group) => {
@@ -141,19 +157,18 @@ impl Store {
                     zarrs::metadata::GroupMetadata::V2(g) => Value::Object(g.attributes.clone()),
                 };
                 self.groups.push(GroupInfo {
-                    mtime: metadata_mtime(&self.location, &path),
+                    mtime: mtime(&path),
                     path,
                     attributes,
                 });
                 let mut children: Vec<&Node> = node.children().iter().collect();
                 children.sort_by(|a, b| a.path().as_str().cmp(b.path().as_str()));
                 for child in children {
-                    self.walk(storage, child)?;
+                    self.walk(storage, local_root, child)?;
                 }
             }
             NodeMetadata::Array(metadata) => {
-                let mtime = metadata_mtime(&self.location, &path);
-                match open_array(storage, &path, metadata.clone(), mtime)? {
+                match open_array(storage, &path, metadata.clone(), mtime(&path))? {
                     Ok(array) => self.arrays.push(array),
                     Err(reason) => {
                         log::warn!("{}: skipping array {path}: {reason}", self.location.display());
@@ -199,7 +214,7 @@ fn metadata_mtime(location: &Path, node_path: &str) -> SystemTime {
 
 /// Outer `Err` fails the whole store (invalid/unsupported metadata); inner `Err` skips the array.
 fn open_array(
-    storage: &Arc<FilesystemStore>,
+    storage: &ReadableListableStorage,
     path: &str,
     metadata: ArrayMetadata,
     mtime: SystemTime,
@@ -288,7 +303,7 @@ fn numpy_typestr(v3_name: &str, itemsize: usize) -> Option<String> {
 }
 
 struct ZarrsDecoder {
-    array: Array<FilesystemStore>,
+    array: Array<dyn ReadableListableStorageTraits>,
     /// Present for sharded arrays: we decode inner chunks, reading only their byte ranges.
     shard_index_cache: Option<ArrayShardedReadableExtCache>,
     options: CodecOptions,
@@ -313,6 +328,72 @@ impl ChunkDecoder for ZarrsDecoder {
         let bytes = bytes.map_err(|e| err(one_line(&e.to_string())))?;
         let fixed = bytes.into_fixed().map_err(|e| err(e.to_string()))?;
         Ok(fixed.into_owned())
+    }
+}
+
+/// A store directory opened for reading only. zarrs' `FilesystemStore` keeps a lock entry for
+/// every key it has read, for the life of the store: a daemon that reads millions of chunks
+/// would grow without bound, and a read-only mount needs no process-local locks. Listing is
+/// delegated, reads go straight to `pread`.
+struct ReadOnlyDir {
+    inner: FilesystemStore,
+}
+
+impl ReadableStorageTraits for ReadOnlyDir {
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        use std::os::unix::fs::FileExt;
+        let file = match std::fs::File::open(self.inner.key_to_fspath(key)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let size = file.metadata()?.len();
+        let read = |range: ByteRange| -> Result<Bytes, StorageError> {
+            let (start, len) = match range {
+                ByteRange::FromStart(start, Some(len)) => (start, len),
+                ByteRange::FromStart(start, None) => (start, size.checked_sub(start).ok_or(InvalidByteRangeError::new(range, size))?),
+                ByteRange::Suffix(len) => (size.checked_sub(len).ok_or(InvalidByteRangeError::new(range, size))?, len),
+            };
+            if start.checked_add(len).is_none_or(|end| end > size) {
+                return Err(InvalidByteRangeError::new(range, size).into());
+            }
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, start)?;
+            Ok(Bytes::from(buf))
+        };
+        let out: Vec<Result<Bytes, StorageError>> = byte_ranges.map(read).collect();
+        Ok(Some(Box::new(out.into_iter())))
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        match std::fs::metadata(self.inner.key_to_fspath(key)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        true
+    }
+}
+
+impl ListableStorageTraits for ReadOnlyDir {
+    fn list(&self) -> Result<StoreKeys, StorageError> {
+        self.inner.list()
+    }
+    fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
+        self.inner.list_prefix(prefix)
+    }
+    fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
+        self.inner.list_dir(prefix)
+    }
+    fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
+        self.inner.size_prefix(prefix)
     }
 }
 
