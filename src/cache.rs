@@ -5,7 +5,7 @@
 //! readers (or a reader and the prefetcher) want at once is decoded once; the others wait for it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -49,6 +49,9 @@ pub struct StatsSnapshot {
 struct Flight {
     result: Mutex<Option<Result<Chunk, DecodeError>>>,
     done: Condvar,
+    /// Set when newer contents were put for the key while this decode ran (a write-back):
+    /// the decode read the old bytes and must not be cached over the new ones.
+    superseded: AtomicBool,
 }
 
 struct Inner {
@@ -59,6 +62,9 @@ struct Inner {
 
 pub struct ChunkCache {
     budget: u64,
+    /// Bytes held outside the cache that count against its budget (dirty chunks of a writable
+    /// mount), so clean chunks are evicted to make room for them.
+    reserved: AtomicU64,
     inner: Mutex<Inner>,
     pub stats: CacheStats,
 }
@@ -67,6 +73,7 @@ impl ChunkCache {
     pub fn new(budget: u64) -> Self {
         ChunkCache {
             budget,
+            reserved: AtomicU64::new(0),
             inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, in_flight: HashMap::new() }),
             stats: CacheStats::default(),
         }
@@ -74,6 +81,26 @@ impl ChunkCache {
 
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// Set how many bytes outside the cache count against its budget; evicts to make room.
+    pub fn set_reserved(&self, bytes: u64) {
+        self.reserved.store(bytes, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap();
+        self.evict_to_fit(&mut inner, 0);
+    }
+
+    /// Put newer contents for a key (after a write-back): replaces what is cached, and keeps a
+    /// decode of the old contents that is still running from being cached afterwards.
+    pub fn replace(&self, key: ChunkKey, chunk: Chunk) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(flight) = inner.in_flight.remove(&key) {
+            flight.superseded.store(true, Ordering::SeqCst);
+        }
+        if let Some(old) = inner.lru.pop(&key) {
+            inner.bytes -= old.len() as u64;
+        }
+        self.insert(&mut inner, key, chunk);
     }
 
     /// True when the chunk is cached or being decoded: the prefetcher skips it.
@@ -143,9 +170,11 @@ impl ChunkCache {
         }
         {
             let mut inner = self.inner.lock().unwrap();
-            inner.in_flight.remove(&key);
-            if let Ok(chunk) = &result {
-                self.insert(&mut inner, key, chunk.clone());
+            if !flight.superseded.load(Ordering::SeqCst) {
+                inner.in_flight.remove(&key);
+                if let Ok(chunk) = &result {
+                    self.insert(&mut inner, key, chunk.clone());
+                }
             }
         }
         *flight.result.lock().unwrap() = Some(result.clone());
@@ -155,18 +184,28 @@ impl ChunkCache {
 
     fn insert(&self, inner: &mut Inner, key: ChunkKey, chunk: Chunk) {
         let size = chunk.len() as u64;
-        if size > self.budget {
+        if !self.evict_to_fit(inner, size) {
             return; // served to its readers, never held
-        }
-        while inner.bytes + size > self.budget {
-            let Some((_, old)) = inner.lru.pop_lru() else { break };
-            inner.bytes -= old.len() as u64;
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         }
         inner.bytes += size;
         if let Some(old) = inner.lru.put(key, chunk) {
             inner.bytes -= old.len() as u64;
         }
+    }
+
+    /// Evict least recently used chunks until `extra` more bytes fit beside the reserved ones;
+    /// false when they cannot fit even in an empty cache.
+    fn evict_to_fit(&self, inner: &mut Inner, extra: u64) -> bool {
+        let limit = self.budget.saturating_sub(self.reserved.load(Ordering::Relaxed));
+        if extra > limit {
+            return false;
+        }
+        while inner.bytes + extra > limit {
+            let Some((_, old)) = inner.lru.pop_lru() else { break };
+            inner.bytes -= old.len() as u64;
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        true
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -246,6 +285,32 @@ mod tests {
         let r = cache.get_or_load((0, 0), || panic!("codec bug"));
         assert!(r.is_err());
         assert!(!cache.is_present_or_loading((0, 0)));
+    }
+
+    #[test]
+    fn replace_wins_over_a_decode_of_the_old_contents() {
+        let cache = Arc::new(ChunkCache::new(100));
+        let c2 = cache.clone();
+        // The "old" decode is running when the write-back replaces the chunk.
+        let old = cache.get_or_load((0, 0), move || {
+            c2.replace((0, 0), Arc::new(vec![2; 4]));
+            chunk(4, 1)
+        });
+        assert_eq!(*old.unwrap(), vec![1; 4]); // its own reader gets what it decoded
+        let now = cache.get_or_load((0, 0), || unreachable!("replaced contents are cached")).unwrap();
+        assert_eq!(*now, vec![2; 4]);
+    }
+
+    #[test]
+    fn reserved_bytes_shrink_the_room_for_clean_chunks() {
+        let cache = ChunkCache::new(40);
+        for i in 0..4 {
+            cache.get_or_load((0, i), || chunk(10, 0)).unwrap();
+        }
+        cache.set_reserved(25);
+        assert!(cache.snapshot().cached_bytes <= 15);
+        cache.get_or_load((0, 9), || chunk(10, 0)).unwrap();
+        assert!(cache.snapshot().cached_bytes <= 15);
     }
 
     #[test]

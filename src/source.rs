@@ -16,8 +16,11 @@ use zarrs::node::{Node, NodeMetadata};
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator, InvalidByteRangeError};
 use zarrs::storage::{
     Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableListableStorage, ReadableListableStorageTraits,
-    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
+    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorage,
+    WritableStorageTraits,
 };
+use rayon::prelude::*;
+use std::sync::RwLock;
 use zarrs::array::CodecOptions;
 
 /// Why a chunk could not be produced. Shown in the log; the reader gets `EIO`.
@@ -37,6 +40,13 @@ impl fmt::Display for DecodeError {
 /// (edge chunks padded), missing chunks filled with the fill value.
 pub trait ChunkDecoder: Send + Sync {
     fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError>;
+}
+
+/// Stores chunks of one array: encodes full-shape decoded chunks (the same form
+/// [`ChunkDecoder::decode`] produces) with the array's codecs and replaces them in the store,
+/// each chunk or shard atomically. A chunk that is entirely the fill value is deleted.
+pub trait ChunkWriter: Send + Sync {
+    fn store_chunks(&self, chunks: &[(&[u64], &[u8])]) -> Result<(), DecodeError>;
 }
 
 /// What the filesystem needs to know about an array, independent of how it is stored.
@@ -75,11 +85,13 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// An opened array: its description and the decoder that serves its chunks.
+/// An opened array: its description, the decoder that serves its chunks, and on a writable
+/// store the writer that stores them back.
 #[derive(Clone)]
 pub struct OpenArray {
     pub info: ArrayInfo,
     pub decoder: Arc<dyn ChunkDecoder>,
+    pub writer: Option<Arc<dyn ChunkWriter>>,
 }
 
 /// An opened store: every group and every array that can be mounted.
@@ -112,19 +124,27 @@ impl Store {
     /// the store unreadable as a whole (missing, not Zarr, invalid or unsupported metadata);
     /// arrays whose elements have no fixed size are skipped instead.
     pub fn open(location: &Path) -> Result<Store, OpenError> {
+        Store::open_local(location, false)
+    }
+
+    /// Open a local store; `writable` also prepares every array for storing chunks back.
+    pub fn open_local(location: &Path, writable: bool) -> Result<Store, OpenError> {
         let err = |reason: String| OpenError { store: location.to_path_buf(), reason };
         let meta = std::fs::metadata(location).map_err(|e| err(io_reason(&e)))?;
         if !meta.is_dir() {
             return Err(err("not a directory (a Zarr store is a directory)".into()));
         }
         let inner = FilesystemStore::new(location).map_err(|e| err(e.to_string()))?;
-        Store::open_storage(Arc::new(ReadOnlyDir { inner }), location, Some(location))
+        let dir = Arc::new(LocalDir { inner });
+        let write: Option<WritableStorage> = if writable { Some(dir.clone()) } else { None };
+        Store::open_storage(dir, write, location, Some(location))
     }
 
     /// Open the hierarchy held by `storage`; `location` names it in messages, `local_root` (a
     /// directory) is where file timestamps come from when there is one.
     pub fn open_storage(
         storage: ReadableListableStorage,
+        writable: Option<WritableStorage>,
         location: &Path,
         local_root: Option<&Path>,
     ) -> Result<Store, OpenError> {
@@ -143,11 +163,17 @@ impl Store {
             arrays: Vec::new(),
             skipped: Vec::new(),
         };
-        store.walk(&storage, local_root, &root).map_err(err)?;
+        store.walk(&storage, writable.as_ref(), local_root, &root).map_err(err)?;
         Ok(store)
     }
 
-    fn walk(&mut self, storage: &ReadableListableStorage, local_root: Option<&Path>, node: &Node) -> Result<(), String> {
+    fn walk(
+        &mut self,
+        storage: &ReadableListableStorage,
+        writable: Option<&WritableStorage>,
+        local_root: Option<&Path>,
+        node: &Node,
+    ) -> Result<(), String> {
         let mtime = |path: &str| local_root.map_or(SystemTime::UNIX_EPOCH, |root| metadata_mtime(root, path));
         let path = node.path().as_str().to_string();
         match node.metadata() {
@@ -164,11 +190,11 @@ impl Store {
                 let mut children: Vec<&Node> = node.children().iter().collect();
                 children.sort_by(|a, b| a.path().as_str().cmp(b.path().as_str()));
                 for child in children {
-                    self.walk(storage, local_root, child)?;
+                    self.walk(storage, writable, local_root, child)?;
                 }
             }
             NodeMetadata::Array(metadata) => {
-                match open_array(storage, &path, metadata.clone(), mtime(&path))? {
+                match open_array(storage, writable, &path, metadata.clone(), mtime(&path))? {
                     Ok(array) => self.arrays.push(array),
                     Err(reason) => {
                         log::warn!("{}: skipping array {path}: {reason}", self.location.display());
@@ -215,6 +241,7 @@ fn metadata_mtime(location: &Path, node_path: &str) -> SystemTime {
 /// Outer `Err` fails the whole store (invalid/unsupported metadata); inner `Err` skips the array.
 fn open_array(
     storage: &ReadableListableStorage,
+    writable: Option<&WritableStorage>,
     path: &str,
     metadata: ArrayMetadata,
     mtime: SystemTime,
@@ -278,8 +305,18 @@ fn open_array(
         mtime,
     };
     let shard_index_cache = sharded.map(|_| ArrayShardedReadableExtCache::new(&array));
-    let decoder = ZarrsDecoder { array, shard_index_cache, options: CodecOptions::default().with_concurrent_target(1) };
-    Ok(Ok(OpenArray { info, decoder: Arc::new(decoder) }))
+    let zarrs_array = Arc::new(ZarrsArray {
+        write: writable.map(|w| array.with_storage(w.clone())),
+        array,
+        shard_index_cache,
+        shard_lock: RwLock::new(()),
+        options: CodecOptions::default().with_concurrent_target(1),
+    });
+    let writer: Option<Arc<dyn ChunkWriter>> = match zarrs_array.write {
+        Some(_) => Some(zarrs_array.clone()),
+        None => None,
+    };
+    Ok(Ok(OpenArray { info, decoder: zarrs_array, writer }))
 }
 
 /// The numpy typestr for a zarr v3 data type name, in native byte order: zarrs hands out
@@ -302,44 +339,147 @@ fn numpy_typestr(v3_name: &str, itemsize: usize) -> Option<String> {
     Some(format!("{order}{kind}{itemsize}"))
 }
 
-struct ZarrsDecoder {
+/// One array as zarrs sees it, serving both directions.
+struct ZarrsArray {
     array: Array<dyn ReadableListableStorageTraits>,
+    /// The same array over writable storage, on a writable mount.
+    write: Option<Array<dyn WritableStorageTraits>>,
     /// Present for sharded arrays: we decode inner chunks, reading only their byte ranges.
     shard_index_cache: Option<ArrayShardedReadableExtCache>,
+    /// Readers of inner chunks hold it shared; storing a shard holds it exclusively, so no read
+    /// pairs a cached shard index with the bytes of a newer shard.
+    shard_lock: RwLock<()>,
     options: CodecOptions,
 }
 
-impl ZarrsDecoder {
+/// Shard indexes cached per array before the cache is emptied: it is unbounded in zarrs and
+/// each entry holds a whole shard index.
+const MAX_CACHED_SHARD_INDEXES: usize = 256;
+
+impl ZarrsArray {
     fn key(&self, chunk: &[u64]) -> String {
         match &self.shard_index_cache {
             None => self.array.chunk_key(chunk).to_string(),
             Some(_) => format!("inner chunk {chunk:?} of array {}", self.array.path()),
         }
     }
+
+    fn error(&self, chunk: &[u64], reason: impl ToString) -> DecodeError {
+        DecodeError { key: self.key(chunk), reason: one_line(&reason.to_string()) }
+    }
+
+    /// Store whole shards: read each touched shard, lay the new inner chunks over it, encode.
+    fn store_inner_chunks(
+        &self,
+        write: &Array<dyn WritableStorageTraits>,
+        cache: &ArrayShardedReadableExtCache,
+        chunks: &[(&[u64], &[u8])],
+    ) -> Result<(), DecodeError> {
+        let zeros = vec![0u64; self.array.dimensionality()];
+        let shard_shape: Vec<u64> = self.array.chunk_shape(&zeros).map_err(|e| self.error(&zeros, e))?.iter().map(|c| c.get()).collect();
+        let inner_shape: Vec<u64> = self
+            .array
+            .effective_subchunk_shape()
+            .map(|s| s.iter().map(|c| c.get()).collect())
+            .ok_or_else(|| self.error(&zeros, "sharded array without a regular inner chunk shape"))?;
+        let itemsize = self.array.data_type().fixed_size().unwrap_or(1) as u64;
+        let mut by_shard: std::collections::BTreeMap<Vec<u64>, Vec<(Vec<u64>, &[u8])>> = Default::default();
+        for (inner, bytes) in chunks {
+            let origin: Vec<u64> = inner.iter().zip(&inner_shape).map(|(i, s)| i * s).collect();
+            let shard: Vec<u64> = origin.iter().zip(&shard_shape).map(|(o, s)| o / s).collect();
+            let within: Vec<u64> = origin.iter().zip(&shard).zip(&shard_shape).map(|((o, i), s)| o - i * s).collect();
+            by_shard.entry(shard).or_default().push((within, bytes));
+        }
+        let _exclusive = self.shard_lock.write().unwrap();
+        let result = by_shard.par_iter().try_for_each(|(shard, inners)| {
+            let current: ArrayBytes<'static> = self.array.retrieve_chunk_opt(shard, &self.options).map_err(|e| self.error(shard, e))?;
+            let mut bytes = current.into_fixed().map_err(|e| self.error(shard, e))?.into_owned();
+            for (within, inner) in inners {
+                copy_block(&mut bytes, &shard_shape, within, inner, &inner_shape, itemsize);
+            }
+            write.store_chunk_opt(shard, ArrayBytes::new_flen(&bytes[..]), &self.options).map_err(|e| self.error(shard, e))
+        });
+        cache.clear();
+        result
+    }
 }
 
-impl ChunkDecoder for ZarrsDecoder {
+impl ChunkDecoder for ZarrsArray {
     fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
         let bytes: Result<ArrayBytes<'static>, _> = match &self.shard_index_cache {
             None => self.array.retrieve_chunk_opt(chunk, &self.options),
-            Some(cache) => self.array.retrieve_subchunk_opt(cache, chunk, &self.options),
+            Some(cache) => {
+                let _shared = self.shard_lock.read().unwrap();
+                if cache.len() > MAX_CACHED_SHARD_INDEXES {
+                    cache.clear();
+                }
+                self.array.retrieve_subchunk_opt(cache, chunk, &self.options)
+            }
         };
-        let err = |reason: String| DecodeError { key: self.key(chunk), reason };
-        let bytes = bytes.map_err(|e| err(one_line(&e.to_string())))?;
-        let fixed = bytes.into_fixed().map_err(|e| err(e.to_string()))?;
+        let bytes = bytes.map_err(|e| self.error(chunk, e))?;
+        let fixed = bytes.into_fixed().map_err(|e| self.error(chunk, e))?;
         Ok(fixed.into_owned())
     }
 }
 
-/// A store directory opened for reading only. zarrs' `FilesystemStore` keeps a lock entry for
-/// every key it has read, for the life of the store: a daemon that reads millions of chunks
-/// would grow without bound, and a read-only mount needs no process-local locks. Listing is
-/// delegated, reads go straight to `pread`.
-struct ReadOnlyDir {
+impl ChunkWriter for ZarrsArray {
+    fn store_chunks(&self, chunks: &[(&[u64], &[u8])]) -> Result<(), DecodeError> {
+        let Some(write) = &self.write else {
+            return Err(DecodeError { key: self.array.path().to_string(), reason: "store is read-only".into() });
+        };
+        match &self.shard_index_cache {
+            Some(cache) => self.store_inner_chunks(write, cache, chunks),
+            None => chunks.par_iter().try_for_each(|(chunk, bytes)| {
+                write.store_chunk_opt(chunk, ArrayBytes::new_flen(*bytes), &self.options).map_err(|e| self.error(chunk, e))
+            }),
+        }
+    }
+}
+
+/// Copy a C-order block `src` of shape `src_shape` into the C-order buffer `dst` of shape
+/// `dst_shape` at element offset `origin`, clipping what falls outside `dst`.
+fn copy_block(dst: &mut [u8], dst_shape: &[u64], origin: &[u64], src: &[u8], src_shape: &[u64], itemsize: u64) {
+    let n = dst_shape.len();
+    if n == 0 {
+        dst[..itemsize as usize].copy_from_slice(&src[..itemsize as usize]);
+        return;
+    }
+    let extent: Vec<u64> = (0..n).map(|d| src_shape[d].min(dst_shape[d].saturating_sub(origin[d]))).collect();
+    if extent.contains(&0) {
+        return;
+    }
+    let row = (extent[n - 1] * itemsize) as usize;
+    let rows: u64 = extent[..n - 1].iter().product();
+    let mut index = vec![0u64; n - 1];
+    for _ in 0..rows {
+        let (mut s_off, mut d_off) = (0u64, 0u64);
+        for d in 0..n {
+            let i = if d < n - 1 { index[d] } else { 0 };
+            s_off = s_off * src_shape[d] + i;
+            d_off = d_off * dst_shape[d] + origin[d] + i;
+        }
+        let (s, dd) = ((s_off * itemsize) as usize, (d_off * itemsize) as usize);
+        dst[dd..dd + row].copy_from_slice(&src[s..s + row]);
+        for d in (0..n - 1).rev() {
+            index[d] += 1;
+            if index[d] < extent[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+}
+
+/// A store directory. zarrs' `FilesystemStore` keeps a lock entry for every key it has touched,
+/// for the life of the store (a daemon reading millions of chunks would grow without bound),
+/// and writes files in place (a crash could leave a torn chunk). Here reads go straight to
+/// `pread`, and every write replaces its file atomically: a temporary file in the same
+/// directory, fsync, rename, fsync of the directory. Listing is delegated.
+struct LocalDir {
     inner: FilesystemStore,
 }
 
-impl ReadableStorageTraits for ReadOnlyDir {
+impl ReadableStorageTraits for LocalDir {
     fn get_partial_many<'a>(
         &'a self,
         key: &StoreKey,
@@ -382,7 +522,7 @@ impl ReadableStorageTraits for ReadOnlyDir {
     }
 }
 
-impl ListableStorageTraits for ReadOnlyDir {
+impl ListableStorageTraits for LocalDir {
     fn list(&self) -> Result<StoreKeys, StorageError> {
         self.inner.list()
     }
@@ -397,9 +537,74 @@ impl ListableStorageTraits for ReadOnlyDir {
     }
 }
 
+impl WritableStorageTraits for LocalDir {
+    fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = self.inner.key_to_fspath(key);
+        let dir = path.parent().ok_or_else(|| StorageError::Other(format!("{key}: no parent directory")))?;
+        std::fs::create_dir_all(dir)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(format!(".{name}.zarrfs-{}-{n}.tmp", std::process::id()));
+        let written = (|| {
+            let mut file = std::fs::File::create(&temp)?;
+            file.write_all(&value)?;
+            file.sync_all()?;
+            std::fs::rename(&temp, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        Ok(written?)
+    }
+
+    fn set_partial_many(&self, key: &StoreKey, offset_values: zarrs::storage::OffsetBytesIterator) -> Result<(), StorageError> {
+        zarrs::storage::store_set_partial_many(self, key, offset_values)
+    }
+
+    fn erase(&self, key: &StoreKey) -> Result<(), StorageError> {
+        let path = self.inner.key_to_fspath(key);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn erase_prefix(&self, prefix: &StorePrefix) -> Result<(), StorageError> {
+        self.inner.erase_prefix(prefix)
+    }
+
+    fn supports_set_partial(&self) -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::numpy_typestr;
+    use super::{copy_block, numpy_typestr};
+
+    #[test]
+    fn copy_block_places_and_clips() {
+        // 4x5 destination of u8, a 2x3 block at (1, 3): the last column falls outside.
+        let mut dst = vec![0u8; 20];
+        let src = [1, 2, 3, 4, 5, 6];
+        copy_block(&mut dst, &[4, 5], &[1, 3], &src, &[2, 3], 1);
+        let expect = [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 4, 5, 0, 0, 0, 0, 0];
+        assert_eq!(dst, expect);
+        // Two-byte items, 1-D.
+        let mut dst = vec![0u8; 8];
+        copy_block(&mut dst, &[4], &[1], &[9, 9, 8, 8], &[2], 2);
+        assert_eq!(dst, [0, 0, 9, 9, 8, 8, 0, 0]);
+    }
 
     #[test]
     fn typestrs_are_native_order() {

@@ -1,0 +1,313 @@
+"""Loopback servers for the remote-store tests, each in its own process.
+
+* ``HttpServer``: Python's ``http.server`` serving a directory, extended with single byte-range
+  requests (``Range: bytes=a-b``, ``a-``, ``-n``), no directory listings, and a request log
+  (one line per request: method, path, Range header) that tests read to see what was fetched.
+* ``MotoServer``: moto's S3-compatible server (``python -m moto.server``).
+
+Both bind 127.0.0.1 only, are started and stopped by the tests themselves, wait for readiness
+by polling with a deadline, and can be restarted on the same port (a "server comes back").
+The servers run in subprocesses, never threads: a test that page-faults on a mounted file holds
+the GIL while the FUSE daemon waits for the server.
+
+Run as a script, this module is the HTTP server:
+    python remote_servers.py DIRECTORY --port N --ready-file F --request-log L
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+START_TIMEOUT = 20.0  # seconds for a server to accept connections
+STOP_TIMEOUT = 10.0
+
+
+def _wait_until(pred, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = pred()
+        if r or time.monotonic() >= deadline:
+            return r
+        time.sleep(interval)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class _Process:
+    """A server subprocess with its log file; stop() terminates it and waits (bounded)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def _spawn(self, cmd: list[str], env=None) -> None:
+        self._log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def _wait_ready(self, find_port) -> None:
+        port = _wait_until(lambda: find_port() or (self.proc.poll() is not None and -1), START_TIMEOUT)
+        if not port or port == -1:
+            log = self.log_path.read_text(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"server did not start within {START_TIMEOUT}s: {log}")
+        self.port = port
+        if not _wait_until(lambda: _accepts(port), START_TIMEOUT):
+            self.stop()
+            raise RuntimeError(f"server on port {port} does not accept connections")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections are still accepted by the kernel, never answered."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.running:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop the server and wait until its port refuses connections."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)  # a frozen server could not act on SIGTERM
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=STOP_TIMEOUT)
+        finally:
+            self._log.close()
+        if self.port is not None:
+            _wait_until(lambda: not _accepts(self.port), STOP_TIMEOUT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class HttpServer(_Process):
+    """``python -m http.server``-like static server of ``directory`` with range requests."""
+
+    def __init__(self, directory, workdir):
+        workdir = Path(workdir)
+        super().__init__(workdir / "http-server.log")
+        self.directory = Path(directory)
+        self.ready_file = workdir / "http-server.port"
+        self.request_log = workdir / "http-requests.log"
+
+    def start(self, port: int = 0) -> "HttpServer":
+        """Start on ``port`` (0: an ephemeral port; a restart passes the old one)."""
+        self.ready_file.unlink(missing_ok=True)
+        self._spawn([sys.executable, __file__, str(self.directory), "--port", str(port),
+                     "--ready-file", str(self.ready_file), "--request-log", str(self.request_log)])
+
+        def find_port():
+            try:
+                text = self.ready_file.read_text()
+            except FileNotFoundError:
+                return None
+            return int(text) if text.endswith("\n") else None
+
+        self._wait_ready(find_port)
+        return self
+
+    def restart(self) -> "HttpServer":
+        port = self.port
+        self.stop()
+        return self.start(port)
+
+    def url(self, rel: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{rel}"
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """(method, path, range header or "") of every request so far."""
+        try:
+            lines = self.request_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [tuple((line.split("\t") + ["", "", ""])[:3]) for line in lines if line]
+
+    def clear_requests(self) -> None:
+        self.request_log.write_text("")
+
+
+class MotoServer(_Process):
+    """moto's S3 server on loopback; state lives in the process (lost on restart)."""
+
+    ACCESS_KEY = "zarrfs-test"
+    SECRET_KEY = "zarrfs-test-secret"
+    REGION = "us-east-1"
+
+    def __init__(self, workdir):
+        super().__init__(Path(workdir) / "moto-server.log")
+
+    def start(self) -> "MotoServer":
+        self.log_path.write_text("")
+        self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
+
+        def find_port():
+            m = re.search(r"Running on http://127\.0\.0\.1:(\d+)", self.log_path.read_text(errors="replace"))
+            return int(m.group(1)) if m else None
+
+        self._wait_ready(find_port)
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client_env(self, anonymous: bool = False) -> dict:
+        """AWS_* variables for zarrfs (and boto3) to reach this server, isolated from any
+        ~/.aws configuration of the machine."""
+        env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_REGION": self.REGION,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+        if anonymous:
+            env["AWS_SKIP_SIGNATURE"] = "true"
+        else:
+            env["AWS_ACCESS_KEY_ID"] = self.ACCESS_KEY
+            env["AWS_SECRET_ACCESS_KEY"] = self.SECRET_KEY
+        return env
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.REGION,
+                            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY)
+
+
+def upload_dir(client, bucket: str, prefix: str, directory, public: bool = False) -> int:
+    """Upload every file under ``directory`` to ``s3://bucket/prefix/...`` (``public``: readable
+    without credentials); returns the count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    directory = Path(directory)
+    paths = [Path(root, name) for root, _, files in os.walk(directory) for name in files]
+    extra = {"ACL": "public-read"} if public else {}
+
+    def put(path: Path) -> None:
+        key = f"{prefix}/{path.relative_to(directory).as_posix()}".lstrip("/")
+        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), **extra)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, paths))
+    return len(paths)
+
+
+# --------------------------------------------------------------------------
+# the HTTP server process
+# --------------------------------------------------------------------------
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # keep-alive + small writes would wait on delayed ACKs
+    request_log = None  # set by main()
+
+    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+        pass
+
+    def list_directory(self, path):
+        self.send_error(404, "no listings")
+        return None
+
+    def send_head(self):
+        if self.request_log is not None:
+            self.request_log.write(f"{self.command}\t{self.path}\t{self.headers.get('Range', '')}\n")
+            self.request_log.flush()
+        header = self.headers.get("Range")
+        path = self.translate_path(self.path)
+        if header is None or os.path.isdir(path):
+            return super().send_head()
+        m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+        try:
+            f = open(path, "rb")
+        except OSError:
+            self.send_error(404, "File not found")
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if m is None or (not m.group(1) and not m.group(2)):
+                start, end = 0, size - 1  # unsupported form: whole file, as a 200
+                status = 200
+            elif not m.group(1):
+                start, end, status = max(0, size - int(m.group(2))), size - 1, 206
+            else:
+                start = int(m.group(1))
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+                status = 206
+            if status == 206 and (start >= size or start > end):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            f.seek(start)
+            body = f.read(end - start + 1)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        return io.BytesIO(body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("directory")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file", required=True)
+    ap.add_argument("--request-log")
+    args = ap.parse_args()
+    if args.request_log:
+        _RangeHandler.request_log = open(args.request_log, "a")
+
+    def handler(*a, **kw):
+        return _RangeHandler(*a, directory=args.directory, **kw)
+
+    http.server.ThreadingHTTPServer.allow_reuse_address = True
+    http.server.ThreadingHTTPServer.daemon_threads = True
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    tmp = args.ready_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{server.server_address[1]}\n")
+    os.replace(tmp, args.ready_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,359 @@
+"""Remote stores: http(s):// and s3:// URLs as STORE, and the disk cache.
+
+Servers run on 127.0.0.1 in subprocesses started and stopped by the fixtures here
+(remote_servers.py): Python's http.server with byte ranges, and moto's S3 server. Mounts use
+``-o remote_timeout=2s,remote_retries=1`` so a stopped server fails a read in about a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import shutil
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import stores
+from helpers import (
+    Mount,
+    assert_same_array,
+    clean_env,
+    errno,
+    errno_of,
+    is_mounted,
+    pread_full,
+    run_zarrfs,
+    wait_until,
+    zarrfs_pids,
+)
+from remote_servers import HttpServer, MotoServer, upload_dir
+
+FAST = ["-o", "remote_timeout=2s,remote_retries=1"]
+CASES = {fmt: [c for c in stores.BIG_STORES[fmt][0] if not c.skipped] for fmt in (2, 3)}
+SCAN_CHUNK = 4096 * 8  # bytes per chunk of the scan store (float64, chunks of 4096)
+SCAN_ELEMENTS = 256 * 4096  # 8 MiB: 256 chunks
+
+
+class RemoteMount(Mount):
+    """A Mount whose STORE is a URL (Path() would fold its "//")."""
+
+    def __init__(self, url: str, mountpoint, *args, **kw):
+        super().__init__(os.devnull, mountpoint, *args, **kw)
+        self.store = url
+
+
+@pytest.fixture
+def remote_mount(tmp_path):
+    """remote_mount(url, *args, env=None) -> live RemoteMount, unmounted at teardown."""
+    made: list[RemoteMount] = []
+
+    def factory(url, *args, env=None, name=None) -> RemoteMount:
+        m = RemoteMount(url, tmp_path / (name or f"rmnt{len(made)}"), *args, env=clean_env(**(env or {})))
+        made.append(m)
+        return m.start()
+
+    yield factory
+    gc.collect()
+    for m in reversed(made):
+        m.close()
+
+
+def _consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "consolidated metadata is not part of Zarr v3"
+        zarr.consolidate_metadata(str(path))
+
+
+@pytest.fixture(scope="module")
+def www(big_stores, tmp_path_factory) -> Path:
+    """The directory the HTTP server serves (and the S3 tests upload from):
+    big_v{2,3}.zarr consolidated, plain_v{2,3}.zarr not, root_v{2,3}.zarr root arrays
+    without consolidated metadata, scan.zarr an 8 MiB array of 32 KiB chunks."""
+    base = tmp_path_factory.mktemp("www")
+    for fmt, src in big_stores.items():
+        shutil.copytree(src, base / f"plain_v{fmt}.zarr")
+        shutil.copytree(src, base / f"big_v{fmt}.zarr")
+        _consolidate(base / f"big_v{fmt}.zarr")
+        stores.build_root_array_store(base / f"root_v{fmt}.zarr", fmt)
+    stores.build_simple_store(base / "scan.zarr", 3, shape=(SCAN_ELEMENTS,), chunks=(4096,))
+    _consolidate(base / "scan.zarr")
+    return base
+
+
+@functools.lru_cache(maxsize=None)
+def expected(store: str, path: str) -> np.ndarray:
+    return stores.expected_array(store, path)
+
+
+@pytest.fixture(scope="module")
+def http_server(www, tmp_path_factory):
+    server = HttpServer(www, tmp_path_factory.mktemp("http"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def scan_server(www, tmp_path):
+    """A server of its own, for tests that stop and restart it."""
+    server = HttpServer(www, tmp_path)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def check_tree(root: Path, fmt: int) -> None:
+    cases, empty = stores.BIG_STORES[fmt]
+    for d, entries in stores.expected_tree(cases, empty).items():
+        assert sorted(os.listdir(root / d)) == sorted(entries), f"listing of /{d}"
+
+
+def check_every_array(m: Mount, local_store: Path, fmt: int) -> None:
+    """Every byte of every array, flat file and .npy, against zarr-python's reading."""
+    for case in CASES[fmt]:
+        exp = expected(str(local_store), case.path)
+        flat = m.path(case.path)
+        data = flat.read_bytes()
+        assert data == exp.tobytes(), f"{case.id}: flat file differs"
+        arr = np.load(flat.with_name(flat.name + ".npy"), mmap_mode="r")
+        try:
+            assert_same_array(np.asarray(arr), exp, f"{case.id}.npy")
+        finally:
+            del arr
+
+
+def scan_expected(www: Path) -> bytes:
+    return expected(str(www / "scan.zarr"), "data").tobytes()
+
+
+def refused(result, url: str, *needles: str) -> str:
+    """The mount failed the documented way: exit 1, one line naming the store."""
+    assert result.returncode == 1, f"exit {result.returncode}: {result.stderr}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got: {result.stderr!r}"
+    assert lines[0].startswith(f"zarrfs: {url}: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def du_bytes(path: Path) -> int:
+    out = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, timeout=30, check=True)
+    return int(out.stdout.split()[0])
+
+
+# --------------------------------------------------------------------------
+# plain HTTP
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_http_consolidated_every_byte(http_server, www, remote_mount, fmt):
+    m = remote_mount(http_server.url(f"big_v{fmt}.zarr"), *FAST)
+    check_tree(m.path(), fmt)
+    check_every_array(m, www / f"big_v{fmt}.zarr", fmt)
+    m.assert_live()
+
+
+def test_http_shard_subchunks_use_byte_ranges(http_server, www, remote_mount):
+    m = remote_mount(http_server.url("big_v3.zarr"), *FAST)
+    exp = expected(str(www / "big_v3.zarr"), "sharding/partial").tobytes()
+    http_server.clear_requests()
+    fd = os.open(m.path("sharding/partial"), os.O_RDONLY)
+    try:
+        assert pread_full(fd, 8, 0) == exp[:8]
+    finally:
+        os.close(fd)
+    shard = [r for r in http_server.requests() if "/sharding/partial/c/" in r[1]]
+    assert shard, http_server.requests()
+    assert all(r[2].startswith("bytes=") for r in shard), f"whole-shard GETs: {shard}"
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_http_root_array_needs_no_listing(http_server, www, remote_mount, fmt):
+    m = remote_mount(http_server.url(f"root_v{fmt}.zarr"), *FAST)
+    name = f"root_v{fmt}"
+    assert sorted(os.listdir(m.path())) == [name, name + ".npy"]
+    exp = stores.expected_array(www / f"root_v{fmt}.zarr", "")
+    assert m.path(name).read_bytes() == exp.tobytes()
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_http_without_consolidated_metadata_is_refused(http_server, tmp_path, guard_paths, fmt):
+    url = http_server.url(f"plain_v{fmt}.zarr")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    guard_paths.append(str(mp))
+    line = refused(run_zarrfs("mount", url, mp, *FAST), url, "cannot list a plain HTTP store",
+                   "consolidated metadata")
+    assert "zarr.consolidate_metadata" in line
+    assert not is_mounted(mp)
+    assert not zarrfs_pids(str(mp))
+
+
+def test_http_missing_store_and_dead_server(http_server, www, tmp_path, guard_paths):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    guard_paths.append(str(mp))
+    url = http_server.url("nothere.zarr")
+    refused(run_zarrfs("mount", url, mp, *FAST), url, "not a Zarr store")
+    dead = HttpServer(www, tmp_path).start()
+    url = dead.url("big_v3.zarr")
+    dead.stop()
+    started = time.monotonic()
+    refused(run_zarrfs("mount", url, mp, *FAST), url, "zarr.json")
+    assert time.monotonic() - started < 30
+    assert not is_mounted(mp)
+
+
+def test_info_over_http(http_server):
+    r = run_zarrfs("info", "--json", http_server.url("big_v3.zarr"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert sorted(a["path"] for a in doc["arrays"]) == sorted("/" + c.path for c in CASES[3])
+
+
+# --------------------------------------------------------------------------
+# faults: a server that goes away and comes back
+# --------------------------------------------------------------------------
+
+
+def test_server_down_fails_reads_with_eio_then_recovers(scan_server, www, remote_mount, tmp_path):
+    exp = scan_expected(www)
+    log = tmp_path / "daemon.log"
+    m = remote_mount(scan_server.url("scan.zarr"), *FAST, "--log-file", log)
+    tail = len(exp) - 3 * SCAN_CHUNK + 100  # far beyond readahead and prefetch of the head
+    fd = os.open(m.path("data"), os.O_RDONLY)
+    try:
+        assert pread_full(fd, 65536, 0) == exp[:65536]
+        scan_server.stop()
+        # Ranges already read are still served.
+        assert pread_full(fd, 65536, 0) == exp[:65536]
+        # A range whose chunk was never fetched fails with EIO, quickly.
+        started = time.monotonic()
+        assert errno_of(os.pread, fd, 4096, tail) == errno.EIO
+        assert time.monotonic() - started < 20
+        m.assert_live()
+        key = f"data/c/{tail // SCAN_CHUNK}"
+        assert wait_until(lambda: key in log.read_text(), 5), f"log does not name {key}: {log.read_text()}"
+        # The server comes back on the same port: the same read works, no remount.
+        scan_server.restart()
+        assert pread_full(fd, 4096, tail) == exp[tail:tail + 4096]
+    finally:
+        os.close(fd)
+    assert m.path("data").read_bytes() == exp
+    m.assert_live()
+
+
+def test_unresponsive_server_times_out_then_recovers(scan_server, www, remote_mount):
+    exp = scan_expected(www)
+    m = remote_mount(scan_server.url("scan.zarr"), "-o", "remote_timeout=1s,remote_retries=0")
+    tail = len(exp) - 3 * SCAN_CHUNK + 100
+    fd = os.open(m.path("data"), os.O_RDONLY)
+    try:
+        assert pread_full(fd, 65536, 0) == exp[:65536]
+        scan_server.freeze()  # connects, never answers: only the request timeout ends a fetch
+        try:
+            started = time.monotonic()
+            assert errno_of(os.pread, fd, 4096, tail) == errno.EIO
+            assert time.monotonic() - started < 20
+            m.assert_live()
+        finally:
+            scan_server.thaw()
+        assert pread_full(fd, 4096, tail) == exp[tail:tail + 4096]
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# disk cache
+# --------------------------------------------------------------------------
+
+
+def test_disk_cache_stays_within_its_bound(scan_server, www, remote_mount, tmp_path):
+    exp = scan_expected(www)
+    cache = tmp_path / "dcache"
+    bound = 1 << 20
+    args = [*FAST, "--disk-cache", cache, "--disk-cache-size", "1M"]
+    # Two daemons share the directory; each scans 8 MiB through a 1 MiB cache.
+    m1 = remote_mount(scan_server.url("scan.zarr"), *args)
+    m2 = remote_mount(scan_server.url("scan.zarr"), *args)
+    for m in (m1, m2):
+        assert m.path("data").read_bytes() == exp
+        assert du_bytes(cache) <= bound, f"disk cache uses {du_bytes(cache)} > {bound}"
+    assert len(os.listdir(cache / "objects")) > 5
+
+
+def test_disk_cache_serves_a_remount_while_the_server_is_down(scan_server, www, remote_mount, tmp_path,
+                                                               guard_paths):
+    exp = scan_expected(www)
+    url = scan_server.url("scan.zarr")
+    cache = tmp_path / "dcache"
+    args = [*FAST, "-o", f"disk_cache={cache},disk_cache_size=64M"]
+    m = remote_mount(url, *args, name="first")
+    assert m.path("data").read_bytes() == exp
+    m.close()
+    scan_server.stop()
+    # Without the cache the store cannot even be opened...
+    mp = tmp_path / "nocache"
+    mp.mkdir()
+    guard_paths.append(str(mp))
+    refused(run_zarrfs("mount", url, mp, *FAST), url)
+    # ...with it, metadata and every chunk come from the disk.
+    m = remote_mount(url, *args, name="second")
+    assert m.path("data").read_bytes() == exp
+    m.assert_live()
+
+
+# --------------------------------------------------------------------------
+# S3 (moto's server)
+# --------------------------------------------------------------------------
+
+BUCKET = "zarrfs-test"
+
+
+@pytest.fixture(scope="module")
+def s3(www, tmp_path_factory):
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    try:
+        server.start()
+        client = server.client()
+        client.create_bucket(Bucket=BUCKET)
+        upload_dir(client, BUCKET, "listed/big_v3.zarr", www / "plain_v3.zarr")
+        upload_dir(client, BUCKET, "consolidated/big_v2.zarr", www / "big_v2.zarr", public=True)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("prefix,fmt", [("listed", 3), ("consolidated", 2)], ids=["listed-v3", "consolidated-v2"])
+def test_s3_every_byte(s3, www, remote_mount, prefix, fmt):
+    m = remote_mount(f"s3://{BUCKET}/{prefix}/big_v{fmt}.zarr", *FAST, env=s3.client_env())
+    check_tree(m.path(), fmt)
+    check_every_array(m, www / f"big_v{fmt}.zarr", fmt)
+    m.assert_live()
+
+
+def test_s3_anonymous_access(s3, www, remote_mount):
+    m = remote_mount(f"s3://{BUCKET}/consolidated/big_v2.zarr", *FAST, env=s3.client_env(anonymous=True))
+    exp = expected(str(www / "big_v2.zarr"), "compressors/blosc_zstd")
+    assert m.path("compressors/blosc_zstd").read_bytes() == exp.tobytes()
+
+
+def test_s3_missing_prefix(s3, tmp_path, guard_paths):
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    guard_paths.append(str(mp))
+    url = f"s3://{BUCKET}/nothere.zarr"
+    refused(run_zarrfs("mount", url, mp, *FAST, env=clean_env(**s3.client_env())), url, "not a Zarr store")
+    assert not is_mounted(mp)
