@@ -4,9 +4,12 @@
 //! can be tested without a kernel.
 
 pub mod cache;
+pub mod disk_cache;
 pub mod fs;
 pub mod fuse;
 pub mod layout;
+pub mod mount;
 pub mod npy;
 pub mod options;
+pub mod remote;
 pub mod source;

@@ -14,8 +14,10 @@ pub struct MountSettings {
     pub log_file: Option<String>,
     /// Kernel readahead for the mount, in KiB (the bdi's read_ahead_kb).
     pub readahead_kb: u32,
-    /// Generic mount flags passed through to the kernel (nodev, noexec, noatime, ...).
+    /// Generic VFS flags for the kernel mount (nodev, noexec, noatime, ...), in order given.
     pub passthrough: Vec<String>,
+    /// Remote stores: request timeout and retries, disk cache.
+    pub remote: crate::remote::RemoteSettings,
 }
 
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -32,6 +34,7 @@ impl Default for MountSettings {
             log_file: None,
             readahead_kb: 4096,
             passthrough: Vec::new(),
+            remote: Default::default(),
         }
     }
 }
@@ -66,8 +69,6 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Options mount(8) or mount.fuse3 may add that mean nothing to us.
 const IGNORED: &[&str] = &["ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail"];
-/// Generic VFS flags handed to the kernel unchanged.
-const PASSTHROUGH: &[&str] = &["dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "sync", "async", "dirsync"];
 
 /// Apply a comma-separated `-o` string on top of `settings`.
 pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), String> {
@@ -90,9 +91,10 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
             "readahead_kb" => settings.readahead_kb = number(value)? as u32,
             "allow_other" => settings.allow_other = true,
             "log_file" => settings.log_file = Some(need(key, value)?.to_string()),
+            k if crate::remote::RemoteSettings::is_option(k) => settings.remote.apply_option(k, value)?,
             "rw" => return Err("read-write mounts are not supported; zarrfs mounts are read-only".into()),
             k if k.starts_with("x-") || IGNORED.contains(&k) => {}
-            k if PASSTHROUGH.contains(&k) => settings.passthrough.push(k.to_string()),
+            k if crate::mount::is_vfs_flag(k) => settings.passthrough.push(k.to_string()),
             _ => return Err(format!("unknown mount option {opt:?}")),
         }
     }

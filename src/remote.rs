@@ -1,0 +1,830 @@
+//! Remote stores: `s3://bucket/prefix` and `http(s)://host/path`, read through `object_store`.
+//!
+//! [`RemoteStorage`] is a synchronous zarrs storage that blocks on a small tokio runtime for
+//! each request, so every decode thread of the filesystem keeps one fetch in flight while the
+//! others decode. Whole chunks are plain GETs, shard subchunks are byte-range GETs (zarrs asks
+//! through `get_partial_many`), a missing object (404) is "no chunk" (the fill value), and every
+//! other failure is an error naming the key, which the filesystem turns into `EIO` for the read
+//! that needed it. Timeouts and retries with exponential backoff are object_store's own.
+//!
+//! Listing: consolidated metadata is used when present (v3 in the root `zarr.json`, handled by
+//! zarrs; v2 `.zmetadata`, served here by [`ConsolidatedV2`]); otherwise S3 is listed, and a
+//! plain HTTP store, which cannot be listed, is refused with a one-line error at mount time.
+//!
+//! [`open_url`] is the entry point for the command line when [`url_of`] says STORE is a URL.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+};
+use serde_json::Value;
+use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
+use zarrs::storage::{
+    Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableListableStorage,
+    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
+};
+
+use crate::disk_cache::DiskCache;
+use crate::options::parse_size;
+use crate::source::{OpenError, Store};
+
+/// Settings for remote stores; part of the mount settings (`-o` options and flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSettings {
+    /// Per-request timeout (connect + transfer).
+    pub timeout: Duration,
+    /// Retries of a failed request (connection errors, timeouts, 5xx), with exponential backoff.
+    pub retries: usize,
+    /// Directory of the on-disk cache of fetched (encoded) chunks, if any.
+    pub disk_cache: Option<PathBuf>,
+    /// Bound of the disk cache, in bytes of disk usage.
+    pub disk_cache_bytes: u64,
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RETRIES: usize = 5;
+pub const DEFAULT_DISK_CACHE_BYTES: u64 = 10 << 30;
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        RemoteSettings {
+            timeout: DEFAULT_TIMEOUT,
+            retries: DEFAULT_RETRIES,
+            disk_cache: None,
+            disk_cache_bytes: DEFAULT_DISK_CACHE_BYTES,
+        }
+    }
+}
+
+impl RemoteSettings {
+    /// The `-o` option names handled by [`RemoteSettings::apply_option`].
+    pub const OPTIONS: &'static [&'static str] = &[
+        "disk_cache",
+        "disk_cache_size",
+        "remote_timeout",
+        "remote_retries",
+    ];
+
+    pub fn is_option(key: &str) -> bool {
+        Self::OPTIONS.contains(&key)
+    }
+
+    /// Apply one `-o key=value` option whose key is one of [`RemoteSettings::OPTIONS`].
+    pub fn apply_option(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
+        let value = value
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))?;
+        match key {
+            "disk_cache" => self.disk_cache = Some(PathBuf::from(value)),
+            "disk_cache_size" => self.disk_cache_bytes = parse_size(value)?,
+            "remote_timeout" => {
+                self.timeout = parse_duration(value).map_err(|e| format!("option {key}: {e}"))?
+            }
+            "remote_retries" => {
+                self.retries = value
+                    .parse()
+                    .map_err(|_| format!("option {key}: {value:?} is not a number"))?
+            }
+            _ => return Err(format!("unknown mount option {key:?}")),
+        }
+        Ok(())
+    }
+}
+
+/// Parse a duration: `30s`, `500ms`, `2m`, `1.5s`, or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let bad = || format!("invalid duration {text:?} (expected e.g. 30s, 500ms or 2m)");
+    let (number, unit) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t.as_str(), 1.0)
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !value.is_finite() || value <= 0.0 || value * unit > 86_400.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(value * unit))
+}
+
+/// Whether a STORE argument names a remote store.
+pub fn is_url(store: &str) -> bool {
+    let lower = store.get(..8).unwrap_or(store).to_ascii_lowercase();
+    lower.starts_with("s3://") || lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// The URL a STORE argument names, if it names a remote store.
+pub fn url_of(store: &Path) -> Option<&str> {
+    store.to_str().filter(|s| is_url(s))
+}
+
+/// Open a remote store, with the disk cache in front of it when one is configured.
+pub fn open_url(url: &str, settings: &RemoteSettings) -> Result<Store, OpenError> {
+    let url = url.trim_end_matches('/');
+    let err = |reason: String| OpenError {
+        store: PathBuf::from(url),
+        reason,
+    };
+    let remote = RemoteStorage::connect(url, settings).map_err(err)?;
+    let listable = remote.listable;
+    let mut storage: ReadableListableStorage = Arc::new(remote);
+    if let Some(dir) = &settings.disk_cache {
+        let cache = DiskCache::open(storage, dir, settings.disk_cache_bytes, url)
+            .map_err(|e| err(format!("disk cache {}: {e}", dir.display())))?;
+        storage = Arc::new(cache);
+    }
+    let storage = with_consolidated_metadata(storage, listable).map_err(err)?;
+    Store::open_storage(storage, None, Path::new(url), None)
+}
+
+const NO_LISTING: &str = "cannot list a plain HTTP store; write consolidated metadata \
+    (zarr.consolidate_metadata) or serve the store from S3";
+
+/// Decide how the hierarchy will be found: v3 consolidated metadata is zarrs' business, v2
+/// `.zmetadata` gets the [`ConsolidatedV2`] overlay, a root array needs nothing, and a group
+/// without consolidated metadata needs a store that can be listed.
+fn with_consolidated_metadata(
+    storage: ReadableListableStorage,
+    listable: bool,
+) -> Result<ReadableListableStorage, String> {
+    let get = |name: &str| -> Result<Option<Bytes>, String> {
+        let key = StoreKey::new(name).expect("valid key");
+        storage
+            .get(&key)
+            .map_err(|e| format!("cannot read {name}: {}", one_line(&e.to_string())))
+    };
+    if let Some(doc) = get("zarr.json")? {
+        let Ok(doc) = serde_json::from_slice::<Value>(&doc) else {
+            return Ok(storage); // zarrs names the parse error
+        };
+        let group = doc.get("node_type").and_then(Value::as_str) == Some("group");
+        let consolidated = doc
+            .get("consolidated_metadata")
+            .is_some_and(|c| !c.is_null());
+        if group && !consolidated && !listable {
+            return Err(NO_LISTING.into());
+        }
+        return Ok(storage);
+    }
+    if let Some(doc) = get(".zmetadata")? {
+        let overlay = ConsolidatedV2::new(storage, &doc).map_err(|e| format!(".zmetadata: {e}"))?;
+        return Ok(Arc::new(overlay));
+    }
+    if get(".zarray")?.is_some() {
+        return Ok(storage);
+    }
+    if !listable && get(".zgroup")?.is_some() {
+        return Err(NO_LISTING.into());
+    }
+    Ok(storage)
+}
+
+/// zarrs and object_store errors can span lines; logs and the user get one.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+// ------------------------------------------------------------------------------------------
+// object_store behind a synchronous zarrs storage
+// ------------------------------------------------------------------------------------------
+
+/// A remote object store as a synchronous, read-only zarrs storage.
+pub struct RemoteStorage {
+    store: Arc<dyn ObjectStore>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    /// S3 can list; plain HTTP cannot.
+    pub listable: bool,
+}
+
+/// Where a URL points: an S3 bucket and key prefix, or an HTTP base URL.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    S3 { bucket: String, prefix: String },
+    Http { url: String },
+}
+
+fn parse_target(url: &str) -> Result<Target, String> {
+    let url = url.trim_end_matches('/');
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("s3://") {
+        let rest = &url[5..];
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err("an S3 URL needs a bucket (s3://BUCKET/PATH)".into());
+        }
+        return Ok(Target::S3 {
+            bucket: bucket.into(),
+            prefix: prefix.trim_matches('/').into(),
+        });
+    }
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Ok(Target::Http { url: url.into() });
+    }
+    Err("not a supported URL (s3://, http:// or https://)".into())
+}
+
+impl RemoteStorage {
+    pub fn connect(url: &str, settings: &RemoteSettings) -> Result<RemoteStorage, String> {
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: settings.retries,
+            retry_timeout: (settings.timeout * (settings.retries as u32 + 1))
+                .min(Duration::from_secs(120)),
+        };
+        let timeout = format!("{}ms", settings.timeout.as_millis().max(1));
+        let connect_timeout = format!(
+            "{}ms",
+            settings
+                .timeout
+                .min(Duration::from_secs(10))
+                .as_millis()
+                .max(1)
+        );
+        let (store, listable): (Arc<dyn ObjectStore>, bool) = match parse_target(url)? {
+            Target::S3 { bucket, prefix } => {
+                use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+                let mut builder = AmazonS3Builder::from_env();
+                for (key, value) in aws_config_files() {
+                    // The environment wins over the shared config files.
+                    if builder.get_config_value(&key).is_none() {
+                        builder = builder.with_config(key, value);
+                    }
+                }
+                let s3 = builder
+                    .with_bucket_name(bucket)
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        &timeout,
+                    )
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        &connect_timeout,
+                    )
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| one_line(&e.to_string()))?;
+                if prefix.is_empty() {
+                    (Arc::new(s3), true)
+                } else {
+                    (
+                        Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str())),
+                        true,
+                    )
+                }
+            }
+            Target::Http { url } => {
+                let http = object_store::http::HttpBuilder::new()
+                    .with_url(url)
+                    .with_config(ClientConfigKey::AllowHttp, "true")
+                    .with_config(ClientConfigKey::Timeout, &timeout)
+                    .with_config(ClientConfigKey::ConnectTimeout, &connect_timeout)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| one_line(&e.to_string()))?;
+                (Arc::new(http), false)
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("zarrfs-net")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the network runtime: {e}"))?;
+        Ok(RemoteStorage {
+            store,
+            runtime: Arc::new(runtime),
+            listable,
+        })
+    }
+
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// One line naming the key (object_store names it in the URL it reports) and the whole
+    /// chain of causes: "error sending request" alone does not say "timed out".
+    fn error(key: &str, e: object_store::Error) -> StorageError {
+        let mut message = one_line(&e.to_string());
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            let text = one_line(&cause.to_string());
+            if !text.is_empty() && !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            source = cause.source();
+        }
+        if !message.contains(key) {
+            message = format!("{key}: {message}");
+        }
+        StorageError::Other(message)
+    }
+
+    fn listing_error() -> StorageError {
+        StorageError::Unsupported(NO_LISTING.into())
+    }
+
+    async fn fetch(
+        store: &dyn ObjectStore,
+        path: &ObjectPath,
+        range: ByteRange,
+    ) -> object_store::Result<Bytes> {
+        let get_range = match range {
+            ByteRange::FromStart(0, None) => None,
+            ByteRange::FromStart(start, None) => Some(GetRange::Offset(start)),
+            ByteRange::FromStart(_, Some(0)) | ByteRange::Suffix(0) => return Ok(Bytes::new()),
+            ByteRange::FromStart(start, Some(len)) => Some(GetRange::Bounded(start..start + len)),
+            ByteRange::Suffix(len) => Some(GetRange::Suffix(len)),
+        };
+        let options = GetOptions {
+            range: get_range,
+            ..Default::default()
+        };
+        let bytes = store.get_opts(path, options).await?.bytes().await?;
+        let expected = match range {
+            ByteRange::FromStart(_, Some(len)) | ByteRange::Suffix(len) => Some(len),
+            ByteRange::FromStart(_, None) => None,
+        };
+        if let Some(len) = expected.filter(|len| *len != bytes.len() as u64) {
+            return Err(object_store::Error::Generic {
+                store: "zarrfs",
+                source: format!("range {range:?}: expected {len} bytes, got {}", bytes.len())
+                    .into(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn object_path(prefix: &StorePrefix) -> Option<ObjectPath> {
+        let p = prefix.as_str().trim_end_matches('/');
+        (!p.is_empty()).then(|| ObjectPath::from(p))
+    }
+
+    fn list_keys(&self, prefix: &StorePrefix) -> Result<Vec<(StoreKey, u64)>, StorageError> {
+        if !self.listable {
+            return Err(Self::listing_error());
+        }
+        let path = Self::object_path(prefix);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .block_on(self.store.list(path.as_ref()).try_collect())
+            .map_err(|e| Self::error(prefix.as_str(), e))?;
+        let mut keys: Vec<(StoreKey, u64)> = metas
+            .into_iter()
+            .filter_map(|m| StoreKey::new(m.location.as_ref()).ok().map(|k| (k, m.size)))
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(keys)
+    }
+}
+
+impl ReadableStorageTraits for RemoteStorage {
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        let path = ObjectPath::from(key.as_str());
+        let ranges: Vec<ByteRange> = byte_ranges.collect();
+        let store = self.store.as_ref();
+        let result = self.block_on(futures::future::try_join_all(
+            ranges.iter().map(|range| Self::fetch(store, &path, *range)),
+        ));
+        match result {
+            Ok(parts) => Ok(Some(Box::new(parts.into_iter().map(Ok)))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::error(key.as_str(), e)),
+        }
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        match self.block_on(self.store.head(&ObjectPath::from(key.as_str()))) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::error(key.as_str(), e)),
+        }
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        true
+    }
+}
+
+impl ListableStorageTraits for RemoteStorage {
+    fn list(&self) -> Result<StoreKeys, StorageError> {
+        self.list_prefix(&StorePrefix::root())
+    }
+
+    fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
+        Ok(self
+            .list_keys(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
+        if !self.listable {
+            return Err(Self::listing_error());
+        }
+        let path = Self::object_path(prefix);
+        let listing = self
+            .block_on(self.store.list_with_delimiter(path.as_ref()))
+            .map_err(|e| Self::error(prefix.as_str(), e))?;
+        let mut keys: StoreKeys = listing
+            .objects
+            .iter()
+            .filter_map(|m| StoreKey::new(m.location.as_ref()).ok())
+            .collect();
+        let mut prefixes: Vec<StorePrefix> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| StorePrefix::new(format!("{}/", p.as_ref())).ok())
+            .collect();
+        keys.sort();
+        prefixes.sort();
+        Ok(StoreKeysPrefixes::new(keys, prefixes))
+    }
+
+    fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
+        Ok(self.list_keys(prefix)?.iter().map(|(_, size)| size).sum())
+    }
+}
+
+/// Settings from the shared AWS files (`~/.aws/credentials`, `~/.aws/config`, or the files
+/// named by `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`), for the profile named by
+/// `AWS_PROFILE` (default `default`): keys, session token, region and endpoint URL.
+fn aws_config_files() -> Vec<(object_store::aws::AmazonS3ConfigKey, String)> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let file = |var: &str, default: &str| -> Option<String> {
+        let path = std::env::var_os(var)
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(default)))?;
+        std::fs::read_to_string(path).ok()
+    };
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let mut out = Vec::new();
+    if let Some(text) = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials") {
+        out.extend(aws_profile_settings(&text, &profile, false));
+    }
+    if let Some(text) = file("AWS_CONFIG_FILE", ".aws/config") {
+        out.extend(aws_profile_settings(&text, &profile, true));
+    }
+    out
+}
+
+/// The settings of one profile of an AWS shared config/credentials file (INI). In the config
+/// file, profiles other than `default` are written `[profile NAME]`.
+fn aws_profile_settings(
+    text: &str,
+    profile: &str,
+    config_file: bool,
+) -> Vec<(object_store::aws::AmazonS3ConfigKey, String)> {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let wanted = if config_file && profile != "default" {
+        format!("profile {profile}")
+    } else {
+        profile.to_string()
+    };
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_string();
+            continue;
+        }
+        if section != wanted {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let key = match k.trim().to_ascii_lowercase().as_str() {
+            "aws_access_key_id" => K::AccessKeyId,
+            "aws_secret_access_key" => K::SecretAccessKey,
+            "aws_session_token" => K::Token,
+            "region" => K::Region,
+            "endpoint_url" => K::Endpoint,
+            _ => continue,
+        };
+        out.push((key, v.trim().to_string()));
+    }
+    out
+}
+
+// ------------------------------------------------------------------------------------------
+// v2 consolidated metadata
+// ------------------------------------------------------------------------------------------
+
+/// A v2 store whose `.zmetadata` lists every metadata document: metadata reads and listing are
+/// answered from it (no requests, no listing of the remote store); chunks go to `inner`.
+pub struct ConsolidatedV2 {
+    inner: ReadableListableStorage,
+    docs: HashMap<String, Bytes>,
+}
+
+fn is_v2_metadata_key(key: &str) -> bool {
+    let name = key.rsplit('/').next().unwrap_or(key);
+    matches!(name, ".zarray" | ".zgroup" | ".zattrs")
+}
+
+impl ConsolidatedV2 {
+    pub fn new(inner: ReadableListableStorage, zmetadata: &[u8]) -> Result<ConsolidatedV2, String> {
+        let doc: Value = serde_json::from_slice(zmetadata).map_err(|e| e.to_string())?;
+        let Some(metadata) = doc.get("metadata").and_then(Value::as_object) else {
+            return Err("no \"metadata\" object".into());
+        };
+        let docs = metadata
+            .iter()
+            .filter(|(k, _)| is_v2_metadata_key(k))
+            .map(|(k, v)| {
+                (
+                    k.trim_start_matches('/').to_string(),
+                    Bytes::from(v.to_string()),
+                )
+            })
+            .collect();
+        Ok(ConsolidatedV2 { inner, docs })
+    }
+
+    fn keys_under<'a>(&'a self, prefix: &'a StorePrefix) -> impl Iterator<Item = &'a str> + 'a {
+        let p = prefix.as_str();
+        self.docs
+            .keys()
+            .map(String::as_str)
+            .filter(move |k| k.starts_with(p))
+    }
+}
+
+impl ReadableStorageTraits for ConsolidatedV2 {
+    fn get_partial_many<'a>(
+        &'a self,
+        key: &StoreKey,
+        byte_ranges: ByteRangeIterator<'a>,
+    ) -> Result<MaybeBytesIterator<'a>, StorageError> {
+        if !is_v2_metadata_key(key.as_str()) {
+            return self.inner.get_partial_many(key, byte_ranges);
+        }
+        let Some(doc) = self.docs.get(key.as_str()) else {
+            return Ok(None);
+        };
+        let size = doc.len() as u64;
+        let parts: Vec<Result<Bytes, StorageError>> = byte_ranges
+            .map(|r| {
+                if r.end(size) > size || r.start(size) > r.end(size) {
+                    return Err(
+                        zarrs::storage::byte_range::InvalidByteRangeError::new(r, size).into(),
+                    );
+                }
+                let range = r.to_range_usize(size);
+                Ok(doc.slice(range))
+            })
+            .collect();
+        Ok(Some(Box::new(parts.into_iter())))
+    }
+
+    fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
+        if is_v2_metadata_key(key.as_str()) {
+            return Ok(self.docs.get(key.as_str()).map(|d| d.len() as u64));
+        }
+        self.inner.size_key(key)
+    }
+
+    fn supports_get_partial(&self) -> bool {
+        self.inner.supports_get_partial()
+    }
+}
+
+impl ListableStorageTraits for ConsolidatedV2 {
+    fn list(&self) -> Result<StoreKeys, StorageError> {
+        self.list_prefix(&StorePrefix::root())
+    }
+
+    fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
+        let mut keys: StoreKeys = self
+            .keys_under(prefix)
+            .filter_map(|k| StoreKey::new(k).ok())
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// The metadata documents and the nodes directly under `prefix`: all that a hierarchy walk
+    /// needs (chunk keys are not listed).
+    fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
+        let p = prefix.as_str();
+        let mut keys = BTreeSet::new();
+        let mut prefixes = BTreeSet::new();
+        for k in self.keys_under(prefix) {
+            match k[p.len()..].split_once('/') {
+                None => {
+                    keys.insert(k.to_string());
+                }
+                Some((child, _)) => {
+                    prefixes.insert(format!("{p}{child}/"));
+                }
+            }
+        }
+        let keys = keys
+            .into_iter()
+            .filter_map(|k| StoreKey::new(k).ok())
+            .collect();
+        let prefixes = prefixes
+            .into_iter()
+            .filter_map(|k| StorePrefix::new(k).ok())
+            .collect();
+        Ok(StoreKeysPrefixes::new(keys, prefixes))
+    }
+
+    fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
+        self.inner.size_prefix(prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zarrs::storage::store::MemoryStore;
+    use zarrs::storage::WritableStorageTraits;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert!(is_url("s3://b/x.zarr"));
+        assert!(is_url("HTTPS://host/x"));
+        assert!(is_url("http://127.0.0.1:8000/x.zarr"));
+        assert!(!is_url("/data/x.zarr"));
+        assert!(!is_url("s3.zarr"));
+        assert_eq!(
+            parse_target("s3://bucket/a/b.zarr/").unwrap(),
+            Target::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b.zarr".into()
+            }
+        );
+        assert_eq!(
+            parse_target("s3://bucket").unwrap(),
+            Target::S3 {
+                bucket: "bucket".into(),
+                prefix: "".into()
+            }
+        );
+        assert!(parse_target("s3:///x").is_err());
+        assert_eq!(
+            parse_target("http://h:1/x.zarr/").unwrap(),
+            Target::Http {
+                url: "http://h:1/x.zarr".into()
+            }
+        );
+    }
+
+    #[test]
+    fn options() {
+        let mut s = RemoteSettings::default();
+        s.apply_option("remote_timeout", Some("2s")).unwrap();
+        s.apply_option("remote_retries", Some("0")).unwrap();
+        s.apply_option("disk_cache", Some("/tmp/c")).unwrap();
+        s.apply_option("disk_cache_size", Some("10G")).unwrap();
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.retries, 0);
+        assert_eq!(s.disk_cache, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(s.disk_cache_bytes, 10 << 30);
+        assert!(s
+            .apply_option("disk_cache", None)
+            .unwrap_err()
+            .contains("disk_cache"));
+        assert!(s.apply_option("remote_retries", Some("x")).is_err());
+        assert!(s.apply_option("remote_timeout", Some("0")).is_err());
+    }
+
+    #[test]
+    fn mount_option_strings() {
+        let mut s = crate::options::MountSettings::default();
+        crate::options::apply_options(
+            &mut s,
+            "ro,remote_timeout=500ms,remote_retries=2,disk_cache=/c,disk_cache_size=1G",
+        )
+        .unwrap();
+        assert_eq!(s.remote.timeout, Duration::from_millis(500));
+        assert_eq!(s.remote.retries, 2);
+        assert_eq!(s.remote.disk_cache, Some(PathBuf::from("/c")));
+        assert_eq!(s.remote.disk_cache_bytes, 1 << 30);
+        assert!(crate::options::apply_options(&mut s, "disk_cache_size=lots").is_err());
+    }
+
+    #[test]
+    fn aws_profiles() {
+        use object_store::aws::AmazonS3ConfigKey as K;
+        let creds = "[default]\naws_access_key_id = A\naws_secret_access_key=S\n\n[other]\naws_access_key_id = B\n";
+        let config = "[default]\nregion = eu-west-1\n[profile other]\nregion = us-west-2\nendpoint_url = http://127.0.0.1:9000\n";
+        assert_eq!(
+            aws_profile_settings(creds, "default", false),
+            vec![
+                (K::AccessKeyId, "A".to_string()),
+                (K::SecretAccessKey, "S".to_string())
+            ]
+        );
+        assert_eq!(
+            aws_profile_settings(creds, "other", false),
+            vec![(K::AccessKeyId, "B".to_string())]
+        );
+        assert_eq!(
+            aws_profile_settings(config, "other", true),
+            vec![
+                (K::Region, "us-west-2".to_string()),
+                (K::Endpoint, "http://127.0.0.1:9000".to_string())
+            ]
+        );
+        assert_eq!(
+            aws_profile_settings(config, "default", true),
+            vec![(K::Region, "eu-west-1".to_string())]
+        );
+    }
+
+    #[test]
+    fn consolidated_v2_overlay() {
+        let inner = Arc::new(MemoryStore::new());
+        inner
+            .set(
+                &StoreKey::new("grp/arr/0.0").unwrap(),
+                Bytes::from_static(b"chunk"),
+            )
+            .unwrap();
+        let zmetadata = serde_json::json!({
+            "zarr_consolidated_format": 1,
+            "metadata": {
+                ".zgroup": {"zarr_format": 2},
+                "grp/.zgroup": {"zarr_format": 2},
+                "grp/.zattrs": {"a": 1},
+                "grp/arr/.zarray": {"zarr_format": 2},
+                "other/.zgroup": {"zarr_format": 2},
+            }
+        });
+        let overlay = ConsolidatedV2::new(inner, zmetadata.to_string().as_bytes()).unwrap();
+        let root = overlay.list_dir(&StorePrefix::root()).unwrap();
+        assert_eq!(root.keys(), &vec![StoreKey::new(".zgroup").unwrap()]);
+        assert_eq!(
+            root.prefixes(),
+            &vec![
+                StorePrefix::new("grp/").unwrap(),
+                StorePrefix::new("other/").unwrap()
+            ]
+        );
+        let grp = overlay
+            .list_dir(&StorePrefix::new("grp/").unwrap())
+            .unwrap();
+        assert_eq!(grp.prefixes(), &vec![StorePrefix::new("grp/arr/").unwrap()]);
+        assert_eq!(grp.keys().len(), 2);
+        let attrs = overlay
+            .get(&StoreKey::new("grp/.zattrs").unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&attrs).unwrap(),
+            serde_json::json!({"a": 1})
+        );
+        assert!(overlay
+            .get(&StoreKey::new("other/.zattrs").unwrap())
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            &overlay
+                .get(&StoreKey::new("grp/arr/0.0").unwrap())
+                .unwrap()
+                .unwrap()[..],
+            b"chunk"
+        );
+        assert!(overlay
+            .get(&StoreKey::new("grp/arr/0.1").unwrap())
+            .unwrap()
+            .is_none());
+    }
+}
