@@ -13,6 +13,7 @@ use serde_json::json;
 
 use zarrfs::fs::{FsOptions, ZarrFs};
 use zarrfs::fuse::FuseAdapter;
+use zarrfs::mount;
 use zarrfs::options::{apply_options, parse_size, MountSettings};
 use zarrfs::source::Store;
 
@@ -62,6 +63,12 @@ struct MountArgs {
     /// Where the daemon logs (default: nowhere once detached).
     #[arg(long, value_name = "PATH")]
     log_file: Option<String>,
+    /// Remote stores: keep fetched chunks in this directory (shared by mounts, kept across them).
+    #[arg(long, value_name = "DIR")]
+    disk_cache: Option<PathBuf>,
+    /// Bound of the --disk-cache directory, e.g. 10G [default: 10G].
+    #[arg(long, value_name = "SIZE")]
+    disk_cache_size: Option<String>,
     /// Internal: the pipe on which a detached daemon reports that the mount is live.
     #[arg(long, hide = true)]
     ready_fd: Option<RawFd>,
@@ -86,6 +93,12 @@ impl MountArgs {
         s.foreground |= self.foreground;
         if self.log_file.is_some() {
             s.log_file = self.log_file.clone();
+        }
+        if let Some(dir) = &self.disk_cache {
+            s.remote.disk_cache = Some(dir.clone());
+        }
+        if let Some(size) = &self.disk_cache_size {
+            s.remote.disk_cache_bytes = parse_size(size)?;
         }
         Ok(s)
     }
@@ -114,7 +127,12 @@ fn main() -> ExitCode {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let result = match cli.command {
-        Command::Info { store, json } => info(&store, json),
+        Command::Info { store, json } => {
+            // Like other Unix filters: `zarrfs info | head` ends quietly when the reader goes.
+            // SAFETY: restoring the default disposition of SIGPIPE.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            info(&store, json)
+        }
         Command::Mount(args) => mount(&args),
     };
     match result {
@@ -127,7 +145,11 @@ fn main() -> ExitCode {
 }
 
 fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
-    let store = Store::open(store_path).map_err(|e| e.to_string())?;
+    let store = match zarrfs::remote::url_of(store_path) {
+        Some(url) => zarrfs::remote::open_url(url, &Default::default()),
+        None => Store::open(store_path),
+    }
+    .map_err(|e| e.to_string())?;
     let rows: Vec<_> = store
         .arrays
         .iter()
@@ -288,8 +310,12 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     // SAFETY: setting this thread's mask with a valid set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
-    let store = Store::open(store_path).map_err(|e| e.to_string())?;
-    let mountpoint = check_mountpoint(mountpoint)?;
+    let store = match zarrfs::remote::url_of(store_path) {
+        Some(url) => zarrfs::remote::open_url(url, &settings.remote),
+        None => Store::open(store_path),
+    }
+    .map_err(|e| e.to_string())?;
+    let mountpoint = mount::check_mountpoint(mountpoint)?;
     let store_abs = std::fs::canonicalize(store_path).unwrap_or_else(|_| store_path.to_path_buf());
     let root_name = root_array_name(&store_abs);
     let options = FsOptions {
@@ -314,12 +340,9 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         );
     }
 
-    let config = fuse_config(&store_abs, settings);
     let adapter = FuseAdapter { fs: fs.clone() };
-    let mut session = fuser::Session::new(adapter, &mountpoint, &config)
-        .map_err(|e| format!("{}: cannot mount: {e}", mountpoint.display()))?;
-    let mut unmounter = session.unmount_callable();
-    set_readahead(&mountpoint, settings.readahead_kb);
+    let session = start_session(adapter, &store_abs, &mountpoint, settings)?;
+    mount::set_readahead(&mountpoint, settings.readahead_kb);
     log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
 
     if let Some(fd) = ready_fd {
@@ -333,43 +356,64 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
             // SAFETY: waiting on the blocked set.
             unsafe { libc::sigwait(&signals, &mut sig) };
             log::info!("signal {sig}: unmounting {}", mp.display());
-            if let Err(e) = unmounter.unmount() {
-                // Busy (a process still has a file open): detach now, finish when released.
-                log::warn!("unmount {}: {e}; detaching lazily", mp.display());
-                if let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) {
-                    // SAFETY: valid C string.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
+            if let Err(e) = mount::unmount(&mp) {
+                log::error!("unmount {}: {e}", mp.display());
             }
         })
         .map_err(|e| e.to_string())?;
+    // Returns when the kernel ends the connection: after any unmount, ours or the user's.
     let result = session.run();
     log::info!("unmounted {}; counters: {}", mountpoint.display(), fs.stats_json());
     result.map_err(|e| format!("{}: {e}", mountpoint.display()))
 }
 
-fn fuse_config(store_abs: &Path, settings: &MountSettings) -> fuser::Config {
-    use fuser::MountOption as O;
-    let mut mount_options = vec![
-        O::FSName(store_abs.display().to_string()),
-        O::Subtype("zarrfs".into()),
-        O::RO,
-        O::DefaultPermissions,
-        O::NoSuid,
-        O::NoDev,
-    ];
-    for flag in &settings.passthrough {
-        mount_options.push(O::CUSTOM(flag.clone()));
-    }
+/// Mount and complete the FUSE handshake. As root we mount `fuse.zarrfs` ourselves (see
+/// [`mount`]); otherwise fuser goes through `fusermount3`.
+fn start_session(
+    adapter: FuseAdapter,
+    store_abs: &Path,
+    mountpoint: &Path,
+    settings: &MountSettings,
+) -> Result<fuser::Session<FuseAdapter>, String> {
+    let cannot = |e: std::io::Error| format!("{}: cannot mount: {e}", mountpoint.display());
     let mut config = fuser::Config::default();
-    if settings.allow_other {
-        mount_options.push(O::CUSTOM("allow_other".into()));
-        config.acl = fuser::SessionACL::All;
-    }
-    config.mount_options = mount_options;
     config.n_threads = Some(settings.threads);
     config.clone_fd = true;
-    config
+    if settings.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    // SAFETY: trivial getter.
+    if unsafe { libc::geteuid() } == 0 {
+        let flags = mount::mount_flags(true, &settings.passthrough);
+        let fd = mount::mount_fuse(&store_abs.display().to_string(), mountpoint, flags, settings.allow_other)
+            .map_err(cannot)?;
+        return fuser::Session::from_fd(adapter, fd, config.acl, config).map_err(|e| {
+            let _ = mount::unmount(mountpoint);
+            cannot(e)
+        });
+    }
+    use fuser::MountOption as O;
+    let mut options = vec![O::FSName(store_abs.display().to_string()), O::Subtype("zarrfs".into()), O::RO, O::DefaultPermissions];
+    for flag in &settings.passthrough {
+        options.push(match flag.as_str() {
+            "dev" => O::Dev,
+            "nodev" => O::NoDev,
+            "suid" => O::Suid,
+            "nosuid" => O::NoSuid,
+            "exec" => O::Exec,
+            "noexec" => O::NoExec,
+            "atime" => O::Atime,
+            "noatime" => O::NoAtime,
+            "sync" => O::Sync,
+            "async" => O::Async,
+            _ => O::DirSync,
+        });
+    }
+    if settings.allow_other {
+        options.push(O::CUSTOM("allow_other".into()));
+    }
+    config.mount_options = options;
+    fuser::Session::new(adapter, mountpoint, &config).map_err(cannot)
 }
 
 /// The mount is live: tell the waiting parent, then let go of its terminal.
@@ -390,66 +434,6 @@ fn detach(ready_fd: RawFd, log_file: Option<&str>) -> Result<(), String> {
         libc::dup2(target.as_raw_fd(), 2);
     }
     Ok(())
-}
-
-/// A mount point must exist, be a directory and not already carry a mount.
-fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, String> {
-    let name = mountpoint.display();
-    let meta = std::fs::metadata(mountpoint).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("mount point {name}: no such directory"),
-        _ => format!("mount point {name}: {e}"),
-    })?;
-    if !meta.is_dir() {
-        return Err(format!("mount point {name}: not a directory"));
-    }
-    let abs = std::fs::canonicalize(mountpoint).map_err(|e| format!("mount point {name}: {e}"))?;
-    if mount_device(&abs).is_some() {
-        return Err(format!("mount point {name}: already a mount point (unmount it first)"));
-    }
-    Ok(abs)
-}
-
-/// The device (major, minor) of the mount at exactly `mountpoint`, from /proc/self/mountinfo
-/// (never `stat`, which would ask our own not-yet-serving filesystem and deadlock).
-fn mount_device(mountpoint: &Path) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = mountpoint.to_str()?;
-    text.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let point = unescape_mountinfo(fields.get(4)?);
-        if point != want {
-            return None;
-        }
-        let (major, minor) = fields.get(2)?.split_once(':')?;
-        Some((major.parse().ok()?, minor.parse().ok()?))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
-fn unescape_mountinfo(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// FUSE caps readahead at 128 KiB at INIT; the mount's bdi takes a larger value afterwards,
-/// which lets a sequential scan keep several chunk decodes in flight.
-fn set_readahead(mountpoint: &Path, kb: u32) {
-    let Some((major, minor)) = mount_device(mountpoint) else { return };
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, kb.to_string()) {
-        log::debug!("{path}: {e}");
-    }
 }
 
 /// Files of a store whose root is an array are named after the store: `temp.zarr` → `temp`.
