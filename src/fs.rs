@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use crate::cache::{Chunk, ChunkCache, ChunkKey, StatsSnapshot};
 use crate::layout::ChunkLayout;
 use crate::npy;
-use crate::source::{ArrayInfo, ChunkDecoder, DecodeError, GroupInfo, OpenArray};
+use crate::source::{ArrayInfo, ChunkDecoder, ChunkWriter, DecodeError, GroupInfo, OpenArray};
+use crate::writeback::DirtyChunks;
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -31,6 +32,8 @@ pub struct FsOptions {
     pub decode_threads: usize,
     pub uid: u32,
     pub gid: u32,
+    /// Writes allowed (`-o rw`): array files are writable and written chunks are stored back.
+    pub writable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +84,7 @@ struct MountedArray {
     info: ArrayInfo,
     layout: ChunkLayout,
     decoder: Arc<dyn ChunkDecoder>,
+    writer: Option<Arc<dyn ChunkWriter>>,
     npy_header: Vec<u8>,
     /// File bytes spanned by one row of chunks along the first axis: the prefetch window.
     chunk_row_bytes: u64,
@@ -124,6 +128,7 @@ pub struct ZarrFs {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     bytes_served: AtomicU64,
+    dirty: DirtyChunks,
     options: FsOptions,
 }
 
@@ -158,6 +163,7 @@ impl ZarrFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             bytes_served: AtomicU64::new(0),
+            dirty: DirtyChunks::default(),
             options,
         };
         for group in groups {
@@ -182,16 +188,13 @@ impl ZarrFs {
             let chunk_row_bytes = info.decode_chunk_shape.first().copied().unwrap_or(1) * row_elems * info.itemsize;
             let index = fs.arrays.len();
             let parent = fs.dir_for(&parent_path, info.mtime);
-            let data = fs.add_node(parent, &name, NodeKind::Data(index), info.mtime)?;
-            let npy = fs.add_node(parent, &format!("{name}.npy"), NodeKind::Npy(index), info.mtime);
-            if let Err(e) = npy {
-                return Err(e);
-            }
-            let _ = data;
+            fs.add_node(parent, &name, NodeKind::Data(index), info.mtime)?;
+            fs.add_node(parent, &format!("{name}.npy"), NodeKind::Npy(index), info.mtime)?;
             Arc::get_mut(&mut fs.arrays).expect("not shared while building").push(MountedArray {
                 npy_header: npy::header(&info.dtype, &info.shape),
                 layout,
                 decoder: array.decoder,
+                writer: if fs.options.writable { array.writer } else { None },
                 chunk_row_bytes,
                 info,
             });
@@ -245,12 +248,16 @@ impl ZarrFs {
                     .values()
                     .filter(|c| matches!(self.nodes[**c as usize].kind, NodeKind::Dir { .. }))
                     .count() as u32;
-                (FileKind::Directory, 0, 0o555, 2 + subdirs)
+                let perm = if self.options.writable { 0o755 } else { 0o555 };
+                (FileKind::Directory, 0, perm, 2 + subdirs)
             }
-            NodeKind::Data(a) => (FileKind::File, self.arrays[*a].layout.file_size(), 0o444, 1),
+            NodeKind::Data(a) => {
+                let a = &self.arrays[*a];
+                (FileKind::File, a.layout.file_size(), file_perm(a), 1)
+            }
             NodeKind::Npy(a) => {
                 let a = &self.arrays[*a];
-                (FileKind::File, a.npy_header.len() as u64 + a.layout.file_size(), 0o444, 1)
+                (FileKind::File, a.npy_header.len() as u64 + a.layout.file_size(), file_perm(a), 1)
             }
         };
         Ok(Attr { ino, kind, size, perm, nlink, uid: self.options.uid, gid: self.options.gid, mtime: node.mtime })
@@ -282,7 +289,7 @@ impl ZarrFs {
     pub fn open(&self, ino: Ino, write: bool) -> Result<u64, Errno> {
         match self.node(ino)?.kind {
             NodeKind::Dir { .. } => return Err(libc::EISDIR),
-            _ if write => return Err(libc::EROFS),
+            NodeKind::Data(a) | NodeKind::Npy(a) if write && self.arrays[a].writer.is_none() => return Err(libc::EROFS),
             _ => {}
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -356,7 +363,10 @@ impl ZarrFs {
     /// decode pool. Returns the chunks in the order given.
     fn fetch(&self, array: usize, distinct: &[&[u64]]) -> Result<Vec<Chunk>, Errno> {
         let a = &self.arrays[array];
-        let load = |c: &&[u64]| load_chunk(&self.cache, array, a, c);
+        let load = |c: &&[u64]| match self.options.writable {
+            true => self.dirty.get(chunk_key(array, a, c)).map_or_else(|| load_chunk(&self.cache, array, a, c), Ok),
+            false => load_chunk(&self.cache, array, a, c),
+        };
         let results: Vec<Result<Chunk, Errno>> = if distinct.len() == 1 {
             distinct.iter().map(load).collect()
         } else {
@@ -402,6 +412,125 @@ impl ZarrFs {
                 let _ = load_chunk(&cache, array, &arrays[array], &chunk);
             });
         }
+    }
+
+    /// Write `data` at `offset` into an array file of a writable mount. The bytes land in
+    /// decoded chunks (read from the store first, or fill) that stay dirty until written back.
+    /// The `.npy` header is not writable, and files never change size.
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let (index, header): (usize, &[u8]) = match self.node(ino)?.kind {
+            NodeKind::Data(a) => (a, &[]),
+            NodeKind::Npy(a) => (a, &self.arrays[a].npy_header),
+            NodeKind::Dir { .. } => return Err(libc::EISDIR),
+        };
+        let a = &self.arrays[index];
+        if a.writer.is_none() {
+            return Err(libc::EROFS);
+        }
+        let written = data.len() as u32;
+        // Page write-back of a shared mapping of the `.npy` view sends whole pages, header
+        // included: header bytes that are unchanged are fine, changing them is refused.
+        let header_len = header.len() as u64;
+        let (offset, data) = if offset < header_len {
+            let n = (header_len - offset).min(data.len() as u64) as usize;
+            if data[..n] != header[offset as usize..offset as usize + n] {
+                return Err(libc::EPERM);
+            }
+            (header_len, &data[n..])
+        } else {
+            (offset, data)
+        };
+        let start = offset - header_len;
+        let len = data.len() as u64;
+        if start.checked_add(len).is_none_or(|end| end > a.layout.file_size()) {
+            return Err(libc::EFBIG);
+        }
+        let pieces = a.layout.pieces(start, len);
+        {
+            let _serial = self.dirty.begin_write();
+            let mut seen: Vec<ChunkKey> = Vec::new();
+            for p in &pieces {
+                let key = chunk_key(index, a, &p.chunk);
+                if !seen.contains(&key) {
+                    seen.push(key);
+                    if !self.dirty.contains(key) {
+                        let base = load_chunk(&self.cache, index, a, &p.chunk)?;
+                        self.dirty.ensure(key, &p.chunk, base);
+                    }
+                }
+                self.dirty.edit(key, |chunk| {
+                    let (src, dst) = (p.out_offset as usize, p.chunk_offset as usize);
+                    chunk[dst..dst + p.len as usize].copy_from_slice(&data[src..src + p.len as usize]);
+                });
+            }
+        }
+        let dirty = self.dirty.bytes();
+        self.cache.set_reserved(dirty);
+        // Past half the budget, the writer pays for write-back: memory stays bounded.
+        if dirty > self.options.cache_bytes / 2 {
+            self.flush(None)?;
+        }
+        Ok(written)
+    }
+
+    /// Store the dirty chunks of the array behind `ino` (fsync, close) — or of every array.
+    pub fn flush_file(&self, ino: Option<Ino>) -> Result<(), Errno> {
+        if !self.options.writable {
+            return Ok(());
+        }
+        match ino.map(|i| self.node(i)).transpose()?.map(|n| &n.kind) {
+            None => self.flush(None),
+            Some(NodeKind::Data(a) | NodeKind::Npy(a)) => self.flush(Some(*a)),
+            Some(NodeKind::Dir { .. }) => Ok(()),
+        }
+    }
+
+    /// Encode and store dirty chunks (of one array, or all), then let them become clean.
+    fn flush(&self, array: Option<usize>) -> Result<(), Errno> {
+        let _one_at_a_time = self.dirty.begin_flush();
+        let batch = self.dirty.snapshot(|k| array.is_none_or(|a| k.0 as usize == a));
+        let mut result = Ok(());
+        for group in batch.chunk_by(|x, y| x.key.0 == y.key.0) {
+            let a = &self.arrays[group[0].key.0 as usize];
+            let Some(writer) = &a.writer else { continue };
+            let chunks: Vec<(&[u64], &[u8])> = group.iter().map(|s| (s.chunk.as_slice(), s.data.as_slice())).collect();
+            match self.pool.install(|| writer.store_chunks(&chunks)) {
+                Ok(()) => self.dirty.retire(group, |key, data| self.cache.replace(key, data)),
+                Err(e) => {
+                    log::error!("{}: write-back failed, data kept in memory: {e}", a.info.path);
+                    result = Err(libc::EIO);
+                }
+            }
+        }
+        self.cache.set_reserved(self.dirty.bytes());
+        result
+    }
+
+    /// Size changes are refused (an array's shape is fixed); setting the same size is a no-op.
+    pub fn set_size(&self, ino: Ino, size: u64) -> Result<Attr, Errno> {
+        let attr = self.getattr(ino)?;
+        match attr.kind {
+            FileKind::Directory => Err(libc::EISDIR),
+            _ if !self.options.writable => Err(libc::EROFS),
+            _ if size == attr.size => Ok(attr),
+            _ => Err(libc::EPERM),
+        }
+    }
+
+    /// Creating, removing or renaming entries: the tree mirrors the store's hierarchy.
+    pub fn tree_change_errno(&self) -> Errno {
+        if self.options.writable { libc::EPERM } else { libc::EROFS }
+    }
+
+    /// Write dirty chunks back every `every` until the filesystem is dropped, so little is at
+    /// risk if the daemon dies.
+    pub fn spawn_writeback(self: &Arc<Self>, every: std::time::Duration) {
+        let weak = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("zarrfs-writeback".into()).spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(fs) = weak.upgrade() else { return };
+            let _ = fs.flush(None);
+        });
     }
 
     pub fn statfs(&self) -> StatFs {
@@ -490,6 +619,10 @@ impl ZarrFs {
             .map(|a| (a.info.path.clone(), a.layout.stripe_bytes()))
             .collect()
     }
+}
+
+fn file_perm(a: &MountedArray) -> u16 {
+    if a.writer.is_some() { 0o644 } else { 0o444 }
 }
 
 fn chunk_key(array: usize, a: &MountedArray, chunk: &[u64]) -> ChunkKey {

@@ -13,3 +13,4 @@ pub mod npy;
 pub mod options;
 pub mod remote;
 pub mod source;
+pub mod writeback;

@@ -60,6 +60,12 @@ struct MountArgs {
     /// Let other users read the mount.
     #[arg(long)]
     allow_other: bool,
+    /// Allow writes (same as -o rw): written chunks are re-encoded and stored.
+    #[arg(long = "read-write", visible_alias = "rw")]
+    read_write: bool,
+    /// On a writable mount, store dirty chunks at least this often [default: 5].
+    #[arg(long, value_name = "SECONDS")]
+    writeback_secs: Option<u64>,
     /// Where the daemon logs (default: nowhere once detached).
     #[arg(long, value_name = "PATH")]
     log_file: Option<String>,
@@ -90,6 +96,10 @@ impl MountArgs {
             s.decode_threads = n;
         }
         s.allow_other |= self.allow_other;
+        s.read_write |= self.read_write;
+        if let Some(secs) = self.writeback_secs.filter(|s| *s > 0) {
+            s.writeback_secs = secs;
+        }
         s.foreground |= self.foreground;
         if self.log_file.is_some() {
             s.log_file = self.log_file.clone();
@@ -311,8 +321,11 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
     let store = match zarrfs::remote::url_of(store_path) {
+        Some(_) if settings.read_write => {
+            return Err(format!("{}: writable mounts of remote stores are not supported", store_path.display()))
+        }
         Some(url) => zarrfs::remote::open_url(url, &settings.remote),
-        None => Store::open(store_path),
+        None => Store::open_local(store_path, settings.read_write),
     }
     .map_err(|e| e.to_string())?;
     let mountpoint = mount::check_mountpoint(mountpoint)?;
@@ -324,6 +337,7 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         // SAFETY: trivial libc getters.
         uid: unsafe { libc::getuid() },
         gid: unsafe { libc::getgid() },
+        writable: settings.read_write,
     };
     let fs = Arc::new(
         ZarrFs::new(store.groups, store.arrays, &root_name, options)
@@ -343,6 +357,9 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     let adapter = FuseAdapter { fs: fs.clone() };
     let session = start_session(adapter, &store_abs, &mountpoint, settings)?;
     mount::set_readahead(&mountpoint, settings.readahead_kb);
+    if settings.read_write {
+        fs.spawn_writeback(std::time::Duration::from_secs(settings.writeback_secs));
+    }
     log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
 
     if let Some(fd) = ready_fd {
@@ -363,6 +380,9 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         .map_err(|e| e.to_string())?;
     // Returns when the kernel ends the connection: after any unmount, ours or the user's.
     let result = session.run();
+    if fs.flush_file(None).is_err() {
+        log::error!("some written chunks could not be stored");
+    }
     log::info!("unmounted {}; counters: {}", mountpoint.display(), fs.stats_json());
     result.map_err(|e| format!("{}: {e}", mountpoint.display()))
 }
@@ -384,7 +404,7 @@ fn start_session(
     }
     // SAFETY: trivial getter.
     if unsafe { libc::geteuid() } == 0 {
-        let flags = mount::mount_flags(true, &settings.passthrough);
+        let flags = mount::mount_flags(!settings.read_write, &settings.passthrough);
         let fd = mount::mount_fuse(&store_abs.display().to_string(), mountpoint, flags, settings.allow_other)
             .map_err(cannot)?;
         return fuser::Session::from_fd(adapter, fd, config.acl, config).map_err(|e| {
@@ -393,7 +413,8 @@ fn start_session(
         });
     }
     use fuser::MountOption as O;
-    let mut options = vec![O::FSName(store_abs.display().to_string()), O::Subtype("zarrfs".into()), O::RO, O::DefaultPermissions];
+    let access = if settings.read_write { O::RW } else { O::RO };
+    let mut options = vec![O::FSName(store_abs.display().to_string()), O::Subtype("zarrfs".into()), access, O::DefaultPermissions];
     for flag in &settings.passthrough {
         options.push(match flag.as_str() {
             "dev" => O::Dev,

@@ -11,6 +11,10 @@ pub struct MountSettings {
     pub decode_threads: usize,
     pub allow_other: bool,
     pub foreground: bool,
+    /// `-o rw`: writes go to the store.
+    pub read_write: bool,
+    /// How often dirty chunks are written back on a writable mount.
+    pub writeback_secs: u64,
     pub log_file: Option<String>,
     /// Kernel readahead for the mount, in KiB (the bdi's read_ahead_kb).
     pub readahead_kb: u32,
@@ -31,6 +35,8 @@ impl Default for MountSettings {
             decode_threads: cores,
             allow_other: false,
             foreground: false,
+            read_write: false,
+            writeback_secs: 5,
             log_file: None,
             readahead_kb: 4096,
             passthrough: Vec::new(),
@@ -68,7 +74,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Options mount(8) or mount.fuse3 may add that mean nothing to us.
-const IGNORED: &[&str] = &["ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail"];
+const IGNORED: &[&str] = &["defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail"];
 
 /// Apply a comma-separated `-o` string on top of `settings`.
 pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), String> {
@@ -92,7 +98,9 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
             "allow_other" => settings.allow_other = true,
             "log_file" => settings.log_file = Some(need(key, value)?.to_string()),
             k if crate::remote::RemoteSettings::is_option(k) => settings.remote.apply_option(k, value)?,
-            "rw" => return Err("read-write mounts are not supported; zarrfs mounts are read-only".into()),
+            "rw" => settings.read_write = true,
+            "ro" => settings.read_write = false,
+            "writeback_secs" => settings.writeback_secs = number(value)? as u64,
             k if k.starts_with("x-") || IGNORED.contains(&k) => {}
             k if crate::mount::is_vfs_flag(k) => settings.passthrough.push(k.to_string()),
             _ => return Err(format!("unknown mount option {opt:?}")),
@@ -130,6 +138,10 @@ mod tests {
         assert!(apply_options(&mut s, "cache_size").unwrap_err().contains("cache_size"));
         assert!(apply_options(&mut s, "threads=0").is_err());
         assert!(apply_options(&mut s, "frobnicate").unwrap_err().contains("frobnicate"));
-        assert!(apply_options(&mut s, "rw").unwrap_err().contains("read-only"));
+        apply_options(&mut s, "rw,writeback_secs=2").unwrap();
+        assert!(s.read_write);
+        assert_eq!(s.writeback_secs, 2);
+        apply_options(&mut s, "ro").unwrap();
+        assert!(!s.read_write);
     }
 }
