@@ -28,6 +28,9 @@ struct Cli {
 enum Command {
     /// Mount STORE at MOUNTPOINT (read-only). Returns once the mount is live.
     Mount(MountArgs),
+    /// Create an empty array (and the groups on its path) in a local store:
+    /// `zarrfs create data.zarr/grp/temp --shape 1000,2000 --chunks 256,256 --dtype f4`.
+    Create(CreateArgs),
     /// Describe the arrays of STORE.
     Info {
         store: PathBuf,
@@ -35,6 +38,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// STORE[/PATH]: the store is the path up to and including the first component ending in
+    /// `.zarr` (or the whole path, for a root array); the rest is the array's path in it.
+    target: PathBuf,
+    /// Array shape, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    shape: Vec<u64>,
+    /// Chunk shape, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    chunks: Vec<u64>,
+    /// Element type, numpy style: u1 i2 i4 i8 f2 f4 f8 c8 c16 bool.
+    #[arg(long)]
+    dtype: String,
+    /// zstd[:LEVEL], blosc[:LEVEL], gzip[:LEVEL] or none.
+    #[arg(long, default_value = "zstd")]
+    codec: String,
+    /// Fill value: what never-written chunks read as.
+    #[arg(long, default_value = "0", allow_hyphen_values = true)]
+    fill: String,
+    #[arg(long, default_value_t = 3)]
+    zarr_format: u8,
+}
+
+/// Split `data.zarr/grp/temp` into the store and the array path within it.
+fn split_target(target: &Path) -> (PathBuf, String) {
+    let components: Vec<_> = target.components().collect();
+    match components.iter().position(|c| c.as_os_str().to_string_lossy().ends_with(".zarr")) {
+        Some(i) => {
+            let store: PathBuf = components[..=i].iter().collect();
+            let rest: PathBuf = components[i + 1..].iter().collect();
+            (store, format!("/{}", rest.display()))
+        }
+        None => (target.to_path_buf(), "/".into()),
+    }
 }
 
 #[derive(clap::Args)]
@@ -119,7 +159,7 @@ impl MountArgs {
 fn normalized_args() -> Vec<OsString> {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
-        let known = ["mount", "info", "help"];
+        let known = ["mount", "info", "create", "help"];
         if !known.contains(&first) && !first.starts_with('-') {
             args.insert(1, "mount".into());
         }
@@ -144,6 +184,18 @@ fn main() -> ExitCode {
             info(&store, json)
         }
         Command::Mount(args) => mount(&args),
+        Command::Create(args) => {
+            let (store, path) = split_target(&args.target);
+            let spec = zarrfs::source::NewArray {
+                shape: args.shape,
+                chunks: args.chunks,
+                dtype: args.dtype,
+                codec: args.codec,
+                fill: args.fill,
+                zarr_format: args.zarr_format,
+            };
+            zarrfs::source::create_array(&store, &path, &spec).map_err(|e| format!("{}: {e}", args.target.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

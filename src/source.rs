@@ -339,6 +339,163 @@ fn numpy_typestr(v3_name: &str, itemsize: usize) -> Option<String> {
     Some(format!("{order}{kind}{itemsize}"))
 }
 
+/// What `zarrfs create` makes: a new, empty array.
+#[derive(Debug, Clone)]
+pub struct NewArray {
+    pub shape: Vec<u64>,
+    pub chunks: Vec<u64>,
+    /// numpy-style: `f4`, `<f4`, `float32`, `u1`, `bool`, `c8`, ...
+    pub dtype: String,
+    /// `zstd[:LEVEL]`, `blosc[:LEVEL]`, `gzip[:LEVEL]`, `none`.
+    pub codec: String,
+    /// The fill value as typed: `0`, `-1.5`, `nan`, `inf`, `true`.
+    pub fill: String,
+    pub zarr_format: u8,
+}
+
+/// Create an empty array at `array_path` ("/" for a root array) of the local store `store`,
+/// and the groups on the way that do not exist yet. The metadata is built as a document and
+/// checked by zarrs (which also writes it), so anything zarrs would refuse to open is refused.
+pub fn create_array(store: &Path, array_path: &str, spec: &NewArray) -> Result<(), String> {
+    let inner = FilesystemStore::new(store).map_err(|e| e.to_string())?;
+    let storage: Arc<LocalDir> = Arc::new(LocalDir { inner });
+    let array_path = if array_path.starts_with('/') { array_path.to_string() } else { format!("/{array_path}") };
+    if spec.shape.len() != spec.chunks.len() {
+        return Err(format!("--shape has {} dimensions but --chunks has {}", spec.shape.len(), spec.chunks.len()));
+    }
+    if spec.chunks.contains(&0) {
+        return Err("chunk sizes must be at least 1".into());
+    }
+    let (v3_name, v2_typestr, itemsize) = parse_dtype(&spec.dtype)?;
+    if Node::open(&storage, &array_path).is_ok() {
+        return Err(format!("{array_path} already exists"));
+    }
+    let (codec, level) = match spec.codec.split_once(':') {
+        Some((c, l)) => (c, Some(l.parse::<i64>().map_err(|_| format!("codec level {l:?} is not a number"))?)),
+        None => (spec.codec.as_str(), None),
+    };
+    let fill = parse_fill(&spec.fill, v3_name)?;
+    let metadata: Value = if spec.zarr_format == 2 {
+        let compressor = match codec {
+            "zstd" => json!({"id": "zstd", "level": level.unwrap_or(3)}),
+            "blosc" => json!({"id": "blosc", "cname": "lz4", "clevel": level.unwrap_or(5), "shuffle": 1, "blocksize": 0}),
+            "gzip" => json!({"id": "gzip", "level": level.unwrap_or(5)}),
+            "none" => Value::Null,
+            other => return Err(format!("unknown codec {other:?} (zstd, blosc, gzip or none)")),
+        };
+        json!({"zarr_format": 2, "shape": spec.shape, "chunks": spec.chunks, "dtype": v2_typestr,
+               "compressor": compressor, "fill_value": fill, "order": "C", "filters": null,
+               "dimension_separator": "."})
+    } else if spec.zarr_format == 3 {
+        let endian = if itemsize > 1 { json!({"endian": "little"}) } else { json!({}) };
+        let mut codecs = vec![json!({"name": "bytes", "configuration": endian})];
+        match codec {
+            "zstd" => codecs.push(json!({"name": "zstd", "configuration": {"level": level.unwrap_or(3), "checksum": false}})),
+            "blosc" => codecs.push(json!({"name": "blosc", "configuration": {"cname": "lz4", "clevel": level.unwrap_or(5),
+                                          "shuffle": "shuffle", "typesize": itemsize, "blocksize": 0}})),
+            "gzip" => codecs.push(json!({"name": "gzip", "configuration": {"level": level.unwrap_or(5)}})),
+            "none" => {}
+            other => return Err(format!("unknown codec {other:?} (zstd, blosc, gzip or none)")),
+        }
+        json!({"zarr_format": 3, "node_type": "array", "shape": spec.shape, "data_type": v3_name,
+               "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": spec.chunks}},
+               "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+               "fill_value": fill, "codecs": codecs, "attributes": {}})
+    } else {
+        return Err(format!("--zarr-format must be 2 or 3, not {}", spec.zarr_format));
+    };
+    let metadata: ArrayMetadata = if spec.zarr_format == 2 {
+        ArrayMetadata::V2(serde_json::from_value(metadata).map_err(|e| e.to_string())?)
+    } else {
+        ArrayMetadata::V3(serde_json::from_value(metadata).map_err(|e| e.to_string())?)
+    };
+    // Groups on the way, root first.
+    let parts: Vec<&str> = array_path.split('/').filter(|p| !p.is_empty()).collect();
+    for depth in 0..parts.len() {
+        let group_path = format!("/{}", parts[..depth].join("/"));
+        match Node::open(&storage, &group_path).map(|n| n.metadata().clone()) {
+            Ok(NodeMetadata::Group(g)) => {
+                let format = if matches!(g, zarrs::metadata::GroupMetadata::V2(_)) { 2 } else { 3 };
+                if format != spec.zarr_format {
+                    return Err(format!("{group_path} is a Zarr v{format} group; use --zarr-format {format}"));
+                }
+            }
+            Ok(NodeMetadata::Array(_)) => return Err(format!("{group_path} is an array, not a group")),
+            Err(_) => {
+                let group = if spec.zarr_format == 2 {
+                    zarrs::metadata::GroupMetadata::V2(serde_json::from_value(json!({"zarr_format": 2})).map_err(|e| e.to_string())?)
+                } else {
+                    zarrs::metadata::GroupMetadata::V3(
+                        serde_json::from_value(json!({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+                            .map_err(|e| e.to_string())?,
+                    )
+                };
+                zarrs::group::Group::new_with_metadata(storage.clone(), &group_path, group)
+                    .and_then(|g| g.store_metadata().map_err(Into::into))
+                    .map_err(|e| format!("group {group_path}: {}", one_line(&e.to_string())))?;
+            }
+        }
+    }
+    let array = Array::new_with_metadata(storage, &array_path, metadata).map_err(|e| one_line(&e.to_string()))?;
+    array.store_metadata().map_err(|e| one_line(&e.to_string()))
+}
+
+/// (zarr v3 data type name, zarr v2 typestr, item size) for a numpy-style dtype.
+fn parse_dtype(text: &str) -> Result<(&'static str, String, usize), String> {
+    let t = text.trim_start_matches(['<', '|', '=']);
+    let (name, size) = match t {
+        "b1" | "bool" | "?" => ("bool", 1),
+        "i1" | "int8" => ("int8", 1),
+        "u1" | "uint8" => ("uint8", 1),
+        "i2" | "int16" => ("int16", 2),
+        "u2" | "uint16" => ("uint16", 2),
+        "i4" | "int32" => ("int32", 4),
+        "u4" | "uint32" => ("uint32", 4),
+        "i8" | "int64" => ("int64", 8),
+        "u8" | "uint64" => ("uint64", 8),
+        "f2" | "float16" => ("float16", 2),
+        "f4" | "float32" => ("float32", 4),
+        "f8" | "float64" => ("float64", 8),
+        "c8" | "complex64" => ("complex64", 8),
+        "c16" | "complex128" => ("complex128", 16),
+        _ => return Err(format!("unsupported dtype {text:?} (e.g. u1 i2 i4 i8 f2 f4 f8 c8 c16 bool)")),
+    };
+    let kind = match name {
+        "bool" => "|b1".to_string(),
+        "int8" => "|i1".into(),
+        "uint8" => "|u1".into(),
+        n if n.starts_with("uint") => format!("<u{size}"),
+        n if n.starts_with("int") => format!("<i{size}"),
+        n if n.starts_with("float") => format!("<f{size}"),
+        _ => format!("<c{size}"),
+    };
+    Ok((name, kind, size))
+}
+
+/// A fill value as JSON metadata, from what a user types.
+fn parse_fill(text: &str, v3_name: &str) -> Result<Value, String> {
+    let bad = || format!("fill value {text:?} does not fit data type {v3_name}");
+    let lower = text.trim().to_ascii_lowercase();
+    Ok(match v3_name {
+        "bool" => match lower.as_str() {
+            "0" | "false" => json!(false),
+            "1" | "true" => json!(true),
+            _ => return Err(bad()),
+        },
+        n if n.starts_with("float") || n.starts_with("complex") => {
+            let f = match lower.as_str() {
+                "nan" => return Ok(if n.starts_with("complex") { json!(["NaN", 0.0]) } else { json!("NaN") }),
+                "inf" | "infinity" => return Ok(json!("Infinity")),
+                "-inf" | "-infinity" => return Ok(json!("-Infinity")),
+                _ => lower.parse::<f64>().map_err(|_| bad())?,
+            };
+            if n.starts_with("complex") { json!([f, 0.0]) } else { json!(f) }
+        }
+        n if n.starts_with("uint") => json!(lower.parse::<u64>().map_err(|_| bad())?),
+        _ => json!(lower.parse::<i64>().map_err(|_| bad())?),
+    })
+}
+
 /// One array as zarrs sees it, serving both directions.
 struct ZarrsArray {
     array: Array<dyn ReadableListableStorageTraits>,
