@@ -44,14 +44,34 @@ pub struct StatsSnapshot {
     pub budget_bytes: u64,
 }
 
+/// What [`ChunkCache::claim`] found.
+pub enum Claim {
+    Hit(Chunk),
+    /// Someone else is decoding it.
+    Wait(Arc<Flight>),
+    /// The caller must decode it with [`ChunkCache::lead`].
+    Lead(Arc<Flight>),
+}
+
 /// One decode in progress; late arrivals wait on `done`.
 #[derive(Default)]
-struct Flight {
+pub struct Flight {
     result: Mutex<Option<Result<Chunk, DecodeError>>>,
     done: Condvar,
     /// Set when newer contents were put for the key while this decode ran (a write-back):
     /// the decode read the old bytes and must not be cached over the new ones.
     superseded: AtomicBool,
+}
+
+impl Flight {
+    /// Block until the leader has a result.
+    pub fn wait(&self) -> Result<Chunk, DecodeError> {
+        let mut result = self.result.lock().unwrap();
+        while result.is_none() {
+            result = self.done.wait(result).unwrap();
+        }
+        result.clone().unwrap()
+    }
 }
 
 struct Inner {
@@ -109,6 +129,26 @@ impl ChunkCache {
         inner.lru.contains(&key) || inner.in_flight.contains_key(&key)
     }
 
+    /// Look a chunk up and, when it is neither cached nor being decoded, claim it: the caller
+    /// then must [`lead`](Self::lead) the decode (possibly on another thread), and everyone else
+    /// who asks meanwhile gets [`Claim::Wait`] on the same flight.
+    pub fn claim(&self, key: ChunkKey) -> Claim {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(chunk) = inner.lru.get(&key) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Claim::Hit(chunk.clone());
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        match inner.in_flight.get(&key) {
+            Some(flight) => Claim::Wait(flight.clone()),
+            None => {
+                let flight = Arc::new(Flight::default());
+                inner.in_flight.insert(key, flight.clone());
+                Claim::Lead(flight)
+            }
+        }
+    }
+
     /// The chunk, from the cache or by running `load` — at most one `load` per key at a time;
     /// concurrent callers for the same key share its result. Errors are not cached: a later
     /// read tries again (the chunk may have been repaired).
@@ -117,32 +157,21 @@ impl ChunkCache {
         key: ChunkKey,
         load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
     ) -> Result<Chunk, DecodeError> {
-        let flight = {
-            let mut inner = self.inner.lock().unwrap();
-            if let Some(chunk) = inner.lru.get(&key) {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(chunk.clone());
-            }
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            match inner.in_flight.get(&key) {
-                Some(flight) => Err(flight.clone()),
-                None => {
-                    let flight = Arc::new(Flight::default());
-                    inner.in_flight.insert(key, flight.clone());
-                    Ok(flight)
-                }
-            }
-        };
-        match flight {
-            Ok(flight) => self.load_as_leader(key, &flight, load),
-            Err(flight) => {
-                let mut result = flight.result.lock().unwrap();
-                while result.is_none() {
-                    result = flight.done.wait(result).unwrap();
-                }
-                result.clone().unwrap()
-            }
+        match self.claim(key) {
+            Claim::Hit(chunk) => Ok(chunk),
+            Claim::Wait(flight) => flight.wait(),
+            Claim::Lead(flight) => self.lead(key, &flight, load),
         }
+    }
+
+    /// Run the decode of a claimed chunk, cache its result and wake its waiters.
+    pub fn lead(
+        &self,
+        key: ChunkKey,
+        flight: &Flight,
+        load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
+    ) -> Result<Chunk, DecodeError> {
+        self.load_as_leader(key, flight, load)
     }
 
     fn load_as_leader(

@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
-use crate::cache::{Chunk, ChunkCache, ChunkKey, StatsSnapshot};
+use crate::cache::{Chunk, ChunkCache, ChunkKey, Claim, Flight, StatsSnapshot};
 use crate::layout::ChunkLayout;
 use crate::npy;
 use crate::source::{ArrayInfo, ChunkDecoder, ChunkWriter, DecodeError, GroupInfo, OpenArray};
@@ -86,8 +85,10 @@ struct MountedArray {
     decoder: Arc<dyn ChunkDecoder>,
     writer: Option<Arc<dyn ChunkWriter>>,
     npy_header: Vec<u8>,
-    /// File bytes spanned by one row of chunks along the first axis: the prefetch window.
+    /// File bytes spanned by one stripe, a row of chunks along the first axis.
     chunk_row_bytes: u64,
+    /// Stripes the prefetcher keeps decoding ahead of a sequential reader (0: none).
+    prefetch_stripes: u64,
 }
 
 /// Bytes to hand back to a reader: a slice of one cached chunk when a read falls inside one
@@ -109,15 +110,18 @@ impl ReadBuf {
 /// Per-open-file state of the sequential-read detector.
 #[derive(Debug, Default)]
 struct Handle {
-    /// End of the previous read: a read starting near it continues a scan.
+    /// Furthest end of the reads of the current scan.
     last_end: u64,
-    /// Flat-file offset up to which chunks have been handed to the prefetcher.
-    prefetched_until: u64,
+    /// First stripe (row of chunks along axis 0) not yet handed to the prefetcher.
+    next_stripe: u64,
 }
 
-/// How far from the previous read's end a read may start and still count as sequential: the
-/// kernel's readahead and several FUSE threads deliver a scan's reads slightly out of order.
-const SEQUENTIAL_SLACK: u64 = 4 << 20;
+/// A read continues a scan when it starts at most this far past the scan's furthest end —
+/// enough for the kernel delivering readahead slightly out of order, too little for a strided
+/// (column) access, which must not set off whole-stripe prefetches.
+const SEQUENTIAL_GAP: u64 = 128 << 10;
+/// ... or at most this far before it (several FUSE threads finish out of order).
+const SEQUENTIAL_BACK: u64 = 16 << 20;
 
 pub struct ZarrFs {
     nodes: Vec<Node>,
@@ -186,6 +190,7 @@ impl ZarrFs {
                 .map_err(|e| format!("array {}: {e}", info.path))?;
             let row_elems: u64 = info.shape.iter().skip(1).product();
             let chunk_row_bytes = info.decode_chunk_shape.first().copied().unwrap_or(1) * row_elems * info.itemsize;
+            let prefetch_stripes = prefetch_depth(&layout, fs.options.cache_bytes, fs.options.decode_threads);
             let index = fs.arrays.len();
             let parent = fs.dir_for(&parent_path, info.mtime);
             fs.add_node(parent, &name, NodeKind::Data(index), info.mtime)?;
@@ -196,6 +201,7 @@ impl ZarrFs {
                 decoder: array.decoder,
                 writer: if fs.options.writable { array.writer } else { None },
                 chunk_row_bytes,
+                prefetch_stripes,
                 info,
             });
         }
@@ -359,58 +365,80 @@ impl ZarrFs {
         Ok(ReadBuf::Owned(out))
     }
 
-    /// Decode (or find in the cache) each distinct chunk, the missing ones in parallel on the
-    /// decode pool. Returns the chunks in the order given.
+    /// Each distinct chunk — dirty, cached, or decoded now. Missing chunks are claimed and
+    /// decoded on the decode pool, all at once; this (FUSE) thread only waits, so a decode
+    /// thread never blocks on another's work. A read needing a single missing chunk decodes it
+    /// here instead: that is the latency of a random read.
     fn fetch(&self, array: usize, distinct: &[&[u64]]) -> Result<Vec<Chunk>, Errno> {
         let a = &self.arrays[array];
-        let load = |c: &&[u64]| match self.options.writable {
-            true => self.dirty.get(chunk_key(array, a, c)).map_or_else(|| load_chunk(&self.cache, array, a, c), Ok),
-            false => load_chunk(&self.cache, array, a, c),
-        };
-        let results: Vec<Result<Chunk, Errno>> = if distinct.len() == 1 {
-            distinct.iter().map(load).collect()
-        } else {
-            self.pool.install(|| distinct.par_iter().map(load).collect())
-        };
-        results.into_iter().collect()
-    }
-
-    /// Sequential-read detection: when a read continues the previous one, hand the chunks of
-    /// the next window of the file to the decode pool so they are ready before they are asked
-    /// for. The window is one row of chunks (so a full scan keeps every decode thread busy),
-    /// limited to what the cache can hold beside the stripe being read.
-    fn note_read_and_prefetch(&self, fh: u64, array: usize, start: u64, end: u64) {
-        let a = &self.arrays[array];
-        let (from, to) = {
-            let mut handles = self.handles.lock().unwrap();
-            let Some(h) = handles.get_mut(&fh) else { return };
-            let sequential = start == 0
-                || (start + SEQUENTIAL_SLACK >= h.last_end && start <= h.last_end + SEQUENTIAL_SLACK);
-            h.last_end = end;
-            if !sequential {
-                h.prefetched_until = end;
-                return;
-            }
-            let window = a.chunk_row_bytes.max(2 * self.options.decode_threads as u64 * a.layout.chunk_bytes());
-            let target = end.saturating_add(window).min(a.layout.file_size());
-            let from = h.prefetched_until.max(end);
-            if target <= from {
-                return;
-            }
-            h.prefetched_until = target;
-            (from, target)
-        };
-        let room = self.cache.budget().saturating_sub(a.layout.stripe_bytes());
-        let max_chunks = (room / a.layout.chunk_bytes().max(1)) as usize;
-        for chunk in a.layout.chunks_touched(from, to - from).into_iter().take(max_chunks) {
-            if self.cache.is_present_or_loading(chunk_key(array, a, &chunk)) {
+        let mut pending: Vec<Result<Chunk, Arc<Flight>>> = Vec::with_capacity(distinct.len());
+        let mut inline: Option<(usize, ChunkKey, Arc<Flight>)> = None;
+        for (i, c) in distinct.iter().enumerate() {
+            let key = chunk_key(array, a, c);
+            if let Some(dirty) = self.options.writable.then(|| self.dirty.get(key)).flatten() {
+                pending.push(Ok(dirty));
                 continue;
             }
-            let (cache, arrays) = (self.cache.clone(), self.arrays.clone());
-            self.pool.spawn(move || {
-                // Failures surface when a reader asks for the chunk; nothing to report here.
-                let _ = load_chunk(&cache, array, &arrays[array], &chunk);
+            pending.push(match self.cache.claim(key) {
+                Claim::Hit(chunk) => Ok(chunk),
+                Claim::Wait(flight) => Err(flight),
+                Claim::Lead(flight) if distinct.len() == 1 => {
+                    inline = Some((i, key, flight.clone()));
+                    Err(flight)
+                }
+                Claim::Lead(flight) => {
+                    self.spawn_decode(array, c.to_vec(), key, flight.clone());
+                    Err(flight)
+                }
             });
+        }
+        if let Some((i, key, flight)) = inline {
+            pending[i] = Ok(lead_decode(&self.cache, a, distinct[i], key, &flight).map_err(|_| libc::EIO)?);
+        }
+        pending.into_iter().map(|p| p.or_else(|flight| flight.wait().map_err(|_| libc::EIO))).collect()
+    }
+
+    fn spawn_decode(&self, array: usize, chunk: Vec<u64>, key: ChunkKey, flight: Arc<Flight>) {
+        let (cache, arrays) = (self.cache.clone(), self.arrays.clone());
+        self.pool.spawn(move || {
+            let _ = lead_decode(&cache, &arrays[array], &chunk, key, &flight);
+        });
+    }
+
+    /// Sequential-read detection: while a handle reads a scan, keep the decode pool working on
+    /// the stripes ahead of it (and on the rest of the current one), each stripe handed over
+    /// once. How far ahead is fixed at mount time so that the stripes being read and decoded
+    /// fit the cache together: a full scan then decodes each chunk exactly once.
+    fn note_read_and_prefetch(&self, fh: u64, array: usize, start: u64, end: u64) {
+        let a = &self.arrays[array];
+        if a.prefetch_stripes == 0 || a.chunk_row_bytes == 0 {
+            return;
+        }
+        let stripes = {
+            let mut handles = self.handles.lock().unwrap();
+            let Some(h) = handles.get_mut(&fh) else { return };
+            let sequential = start == 0 || (start <= h.last_end + SEQUENTIAL_GAP && start + SEQUENTIAL_BACK >= h.last_end);
+            if !sequential {
+                h.last_end = end;
+                return;
+            }
+            h.last_end = h.last_end.max(end);
+            let current = start / a.chunk_row_bytes;
+            let last = (current + a.prefetch_stripes).min(a.layout.file_size().saturating_sub(1) / a.chunk_row_bytes);
+            let first = h.next_stripe.max(current);
+            h.next_stripe = h.next_stripe.max(last + 1);
+            first..=last
+        };
+        for stripe in stripes {
+            for chunk in a.layout.chunks_touched(stripe * a.chunk_row_bytes, a.chunk_row_bytes) {
+                let key = chunk_key(array, a, &chunk);
+                if self.options.writable && self.dirty.contains(key) {
+                    continue;
+                }
+                if let Claim::Lead(flight) = self.cache.claim(key) {
+                    self.spawn_decode(array, chunk, key, flight);
+                }
+            }
         }
     }
 
@@ -629,11 +657,21 @@ fn chunk_key(array: usize, a: &MountedArray, chunk: &[u64]) -> ChunkKey {
     (array as u32, a.layout.chunk_linear(chunk))
 }
 
-/// One chunk of array number `array`, from the cache or decoded now. Shared by reads and the
-/// prefetcher so both go through the same single-flight path and the same size check.
+/// One chunk of array number `array`, from the cache or decoded now (one decode however many
+/// ask at once).
 fn load_chunk(cache: &ChunkCache, array: usize, a: &MountedArray, chunk: &[u64]) -> Result<Chunk, Errno> {
+    let key = chunk_key(array, a, chunk);
+    match cache.claim(key) {
+        Claim::Hit(chunk) => Ok(chunk),
+        Claim::Wait(flight) => flight.wait().map_err(|_| libc::EIO),
+        Claim::Lead(flight) => lead_decode(cache, a, chunk, key, &flight).map_err(|_| libc::EIO),
+    }
+}
+
+/// Decode a claimed chunk, checking its size, and log a failure once (its readers get EIO).
+fn lead_decode(cache: &ChunkCache, a: &MountedArray, chunk: &[u64], key: ChunkKey, flight: &Flight) -> Result<Chunk, DecodeError> {
     cache
-        .get_or_load(chunk_key(array, a, chunk), || {
+        .lead(key, flight, || {
             let bytes = a.decoder.decode(chunk)?;
             if bytes.len() as u64 != a.layout.chunk_bytes() {
                 return Err(DecodeError {
@@ -643,8 +681,15 @@ fn load_chunk(cache: &ChunkCache, array: usize, a: &MountedArray, chunk: &[u64])
             }
             Ok(bytes)
         })
-        .map_err(|e| {
-            log::error!("{}: {e}", a.info.path);
-            libc::EIO
-        })
+        .inspect_err(|e| log::error!("{}: {e}", a.info.path))
+}
+
+/// Stripes to decode ahead of a sequential reader: enough chunks to keep every decode thread
+/// busy twice over, but never more than fit in the cache beside the stripe being read.
+pub fn prefetch_depth(layout: &ChunkLayout, cache_bytes: u64, decode_threads: usize) -> u64 {
+    let stripe = layout.stripe_bytes().max(1);
+    let chunks_per_stripe = (stripe / layout.chunk_bytes().max(1)).max(1);
+    let wanted = (2 * decode_threads as u64).div_ceil(chunks_per_stripe).max(1);
+    let fit = (cache_bytes / stripe).saturating_sub(1);
+    wanted.min(fit)
 }

@@ -372,6 +372,12 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     // SAFETY: setting this thread's mask with a valid set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
 
+    // Decoded chunks are large, short-lived buffers. glibc raises its mmap threshold after the
+    // first such buffer is freed and then keeps freed chunks in its arenas, so the daemon's
+    // memory would outgrow the cache budget; a fixed threshold returns them to the system.
+    // SAFETY: mallopt only tunes the allocator.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+
     let store = match zarrfs::remote::url_of(store_path) {
         Some(_) if settings.read_write => {
             return Err(format!("{}: writable mounts of remote stores are not supported", store_path.display()))
