@@ -417,7 +417,11 @@ impl ZarrFs {
         let stripes = {
             let mut handles = self.handles.lock().unwrap();
             let Some(h) = handles.get_mut(&fh) else { return };
-            let sequential = start == 0 || (start <= h.last_end + SEQUENTIAL_GAP && start + SEQUENTIAL_BACK >= h.last_end);
+            // A scan starts at the beginning, or continues where this handle's reads got to.
+            let sequential = match h.last_end {
+                0 => start == 0,
+                last => start <= last + SEQUENTIAL_GAP && start + SEQUENTIAL_BACK >= last,
+            };
             if !sequential {
                 h.last_end = end;
                 return;
@@ -692,4 +696,188 @@ pub fn prefetch_depth(layout: &ChunkLayout, cache_bytes: u64, decode_threads: us
     let wanted = (2 * decode_threads as u64).div_ceil(chunks_per_stripe).max(1);
     let fit = (cache_bytes / stripe).saturating_sub(1);
     wanted.min(fit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ChunkWriter;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A 2-D uint16 array whose element (r, c) is `r * cols + c` (mod 2^16), served by a decoder
+    /// that counts its decodes per chunk.
+    struct Synthetic {
+        shape: [u64; 2],
+        chunks: [u64; 2],
+        decodes: Mutex<HashMap<Vec<u64>, usize>>,
+        total: AtomicUsize,
+    }
+
+    impl Synthetic {
+        fn value(&self, r: u64, c: u64) -> u16 {
+            (r * self.shape[1] + c) as u16
+        }
+        fn expected(&self) -> Vec<u8> {
+            (0..self.shape[0]).flat_map(|r| (0..self.shape[1]).flat_map(move |c| self.value(r, c).to_ne_bytes())).collect()
+        }
+    }
+
+    impl ChunkDecoder for Synthetic {
+        fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
+            *self.decodes.lock().unwrap().entry(chunk.to_vec()).or_default() += 1;
+            self.total.fetch_add(1, Ordering::SeqCst);
+            let mut out = Vec::new();
+            for i in 0..self.chunks[0] {
+                for j in 0..self.chunks[1] {
+                    let (r, c) = (chunk[0] * self.chunks[0] + i, chunk[1] * self.chunks[1] + j);
+                    out.extend_from_slice(&self.value(r, c).to_ne_bytes());
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    struct NoWrites;
+    impl ChunkWriter for NoWrites {
+        fn store_chunks(&self, _: &[(&[u64], &[u8])]) -> Result<(), DecodeError> {
+            Ok(())
+        }
+    }
+
+    fn mount(shape: [u64; 2], chunks: [u64; 2], cache_bytes: u64) -> (ZarrFs, Arc<Synthetic>) {
+        let source = Arc::new(Synthetic { shape, chunks, decodes: Mutex::default(), total: AtomicUsize::new(0) });
+        let info = ArrayInfo {
+            path: "/grp/a".into(),
+            dtype: "<u2".into(),
+            itemsize: 2,
+            shape: shape.to_vec(),
+            chunks: chunks.to_vec(),
+            decode_chunk_shape: chunks.to_vec(),
+            fill_value: json!(0),
+            attributes: json!({"units": "m"}),
+            codecs: json!([]),
+            zarr_format: 3,
+            mtime: SystemTime::UNIX_EPOCH,
+        };
+        let array = OpenArray { info, decoder: source.clone(), writer: Some(Arc::new(NoWrites)) };
+        let options = FsOptions { cache_bytes, decode_threads: 2, uid: 0, gid: 0, writable: false };
+        (ZarrFs::new(vec![], vec![array], "root", options).unwrap(), source)
+    }
+
+    fn file(fs: &ZarrFs, name: &str) -> Ino {
+        let grp = fs.lookup(ROOT_INO, OsStr::new("grp")).unwrap().ino;
+        fs.lookup(grp, OsStr::new(name)).unwrap().ino
+    }
+
+    #[test]
+    fn tree_attributes_and_xattrs() {
+        let (fs, _) = mount([30, 20], [8, 8], 1 << 20);
+        let names: Vec<_> = fs.readdir(fs.lookup(ROOT_INO, OsStr::new("grp")).unwrap().ino).unwrap().into_iter().map(|e| e.2).collect();
+        assert_eq!(names, [".", "..", "a", "a.npy"]);
+        let a = fs.getattr(file(&fs, "a")).unwrap();
+        assert_eq!((a.size, a.perm), (30 * 20 * 2, 0o444));
+        let npy = fs.getattr(file(&fs, "a.npy")).unwrap();
+        assert_eq!(npy.size % 64, (30 * 20 * 2) % 64);
+        assert_eq!(fs.getxattr(file(&fs, "a"), OsStr::new("user.zarr.shape")).unwrap(), b"[30,20]");
+        assert_eq!(fs.getxattr(file(&fs, "a"), OsStr::new("user.zarr.nope")), Err(libc::ENODATA));
+        assert_eq!(fs.open(file(&fs, "a"), true), Err(libc::EROFS));
+        assert_eq!(fs.lookup(ROOT_INO, OsStr::new("missing")), Err(libc::ENOENT));
+    }
+
+    #[test]
+    fn reads_match_the_flat_array_at_any_offset() {
+        let (fs, src) = mount([30, 20], [8, 7], 1 << 20);
+        let expected = src.expected();
+        let ino = file(&fs, "a");
+        for (offset, len) in [(0, 1200), (1, 3), (37, 500), (1199, 10), (1100, 4096), (1200, 5)] {
+            let got = fs.read(ino, None, offset, len).unwrap();
+            let end = (offset as usize + len as usize).min(expected.len());
+            assert_eq!(got.as_slice(), &expected[(offset as usize).min(end)..end], "offset {offset} len {len}");
+        }
+        let npy = file(&fs, "a.npy");
+        let header = fs.getxattr(npy, OsStr::new("user.npy.data_offset")).unwrap();
+        let header: u64 = String::from_utf8(header).unwrap().parse().unwrap();
+        let whole = fs.read(npy, None, 0, 1 << 20).unwrap();
+        assert_eq!(&whole.as_slice()[..6], b"\x93NUMPY");
+        assert_eq!(&whole.as_slice()[header as usize..], &expected[..]);
+    }
+
+    #[test]
+    fn concurrent_readers_of_one_chunk_decode_it_once() {
+        let (fs, src) = mount([64, 64], [64, 64], 1 << 20);
+        let fs = Arc::new(fs);
+        let ino = file(&fs, "a");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let fs = fs.clone();
+                std::thread::spawn(move || fs.read(ino, None, i * 100, 64).unwrap().as_slice().to_vec())
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(src.total.load(Ordering::SeqCst), 1);
+    }
+
+    /// A sequential scan through one handle decodes every chunk exactly once while the cache
+    /// holds two stripes, and the cache never exceeds its budget.
+    #[test]
+    fn sequential_scan_decodes_each_chunk_once_within_budget() {
+        let (shape, chunks) = ([256, 96], [16, 32]);
+        let chunk_bytes = 16 * 32 * 2;
+        let stripe = 3 * chunk_bytes;
+        let (fs, src) = mount(shape, chunks, 2 * stripe);
+        let ino = file(&fs, "a");
+        let fh = fs.open(ino, false).unwrap();
+        let expected = src.expected();
+        let mut offset = 0;
+        while offset < expected.len() as u64 {
+            let got = fs.read(ino, Some(fh), offset, 1000).unwrap();
+            assert_eq!(got.as_slice(), &expected[offset as usize..(offset as usize + 1000).min(expected.len())]);
+            assert!(fs.stats().cached_bytes <= 2 * stripe);
+            offset += 1000;
+        }
+        let decodes = src.decodes.lock().unwrap().clone();
+        assert_eq!(decodes.len(), 16 * 3, "every chunk decoded");
+        assert!(decodes.values().all(|n| *n == 1), "no chunk decoded twice: {decodes:?}");
+    }
+
+    /// Reading one column with small strided reads is not a scan: only the chunks holding
+    /// that column are decoded (rows here are wider than the sequential-read gap).
+    #[test]
+    fn strided_column_reads_do_not_prefetch() {
+        let cols = 70_000u64;
+        let (fs, src) = mount([64, cols], [16, 32_768], 1 << 30);
+        let ino = file(&fs, "a");
+        let fh = fs.open(ino, false).unwrap();
+        for r in 0..64u64 {
+            let offset = (r * cols + 40_000) * 2;
+            let got = fs.read(ino, Some(fh), offset, 2).unwrap();
+            assert_eq!(got.as_slice(), src.value(r, 40_000).to_ne_bytes());
+        }
+        let decodes = src.decodes.lock().unwrap().clone();
+        assert!(decodes.keys().all(|c| c[1] == 1), "only the column's chunks: {:?}", decodes.keys());
+        assert_eq!(decodes.len(), 4);
+    }
+
+    #[test]
+    fn prefetch_depth_fits_the_cache() {
+        // 16 chunks of 4 MiB per stripe: one stripe ahead is plenty for 2 threads...
+        let wide = ChunkLayout::new(&[16384, 16384], &[1024, 1024], 4).unwrap();
+        assert_eq!(prefetch_depth(&wide, 1 << 30, 2), 1);
+        // ...but only if two stripes fit.
+        assert_eq!(prefetch_depth(&wide, 127 << 20, 2), 0);
+        // One chunk per stripe (1-D): several stripes ahead, bounded by the cache.
+        let line = ChunkLayout::new(&[1 << 20], &[1 << 16], 4).unwrap();
+        assert_eq!(prefetch_depth(&line, 1 << 30, 2), 4);
+        assert_eq!(prefetch_depth(&line, 3 << 18, 2), 2);
+    }
+
+    #[test]
+    fn stripe_warning_names_arrays_whose_stripe_exceeds_the_cache() {
+        let (fs, _) = mount([256, 96], [16, 32], 2000);
+        assert_eq!(fs.stripes_exceeding_cache(), vec![("/grp/a".to_string(), 3 * 16 * 32 * 2)]);
+        let (fs, _) = mount([256, 96], [16, 32], 1 << 20);
+        assert!(fs.stripes_exceeding_cache().is_empty());
+    }
 }
