@@ -116,10 +116,10 @@ struct Handle {
     next_stripe: u64,
 }
 
-/// A read continues a scan when it starts at most this far past the scan's furthest end —
-/// enough for the kernel delivering readahead slightly out of order, too little for a strided
-/// (column) access, which must not set off whole-stripe prefetches.
-const SEQUENTIAL_GAP: u64 = 128 << 10;
+/// A read continues a scan when it starts at most this far past the scan's furthest end. Zero:
+/// a strided (column) access must not set off whole-stripe prefetches, and a readahead read
+/// that arrives early only moves the scan's end, so the reads it overtook still count.
+const SEQUENTIAL_GAP: u64 = 0;
 /// ... or at most this far before it (several FUSE threads finish out of order).
 const SEQUENTIAL_BACK: u64 = 16 << 20;
 

@@ -94,7 +94,7 @@ struct MountArgs {
     /// FUSE request threads [default: 4].
     #[arg(long)]
     threads: Option<usize>,
-    /// Chunk decoding threads [default: number of cores].
+    /// Chunk decoding threads [default: number of cores; 16 for remote stores].
     #[arg(long)]
     decode_threads: Option<usize>,
     /// Let other users read the mount.
@@ -133,7 +133,7 @@ impl MountArgs {
             s.threads = n;
         }
         if let Some(n) = self.decode_threads.filter(|n| *n > 0) {
-            s.decode_threads = n;
+            s.decode_threads = Some(n);
         }
         s.allow_other |= self.allow_other;
         s.read_write |= self.read_write;
@@ -208,7 +208,7 @@ fn main() -> ExitCode {
 
 fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
     let store = match zarrfs::remote::url_of(store_path) {
-        Some(url) => zarrfs::remote::open_url(url, &Default::default()),
+        Some(url) => zarrfs::remote::open_url(url, &Default::default(), false),
         None => Store::open(store_path),
     }
     .map_err(|e| e.to_string())?;
@@ -379,10 +379,7 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
 
     let store = match zarrfs::remote::url_of(store_path) {
-        Some(_) if settings.read_write => {
-            return Err(format!("{}: writable mounts of remote stores are not supported", store_path.display()))
-        }
-        Some(url) => zarrfs::remote::open_url(url, &settings.remote),
+        Some(url) => zarrfs::remote::open_url(url, &settings.remote, settings.read_write),
         None => Store::open_local(store_path, settings.read_write),
     }
     .map_err(|e| e.to_string())?;
@@ -391,7 +388,7 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     let root_name = root_array_name(&store_abs);
     let options = FsOptions {
         cache_bytes: settings.cache_bytes,
-        decode_threads: settings.decode_threads,
+        decode_threads: settings.decode_threads_for(zarrfs::remote::url_of(store_path).is_some()),
         // SAFETY: trivial libc getters.
         uid: unsafe { libc::getuid() },
         gid: unsafe { libc::getgid() },

@@ -7,8 +7,8 @@ pub struct MountSettings {
     pub cache_bytes: u64,
     /// FUSE request threads.
     pub threads: usize,
-    /// Chunk decode threads.
-    pub decode_threads: usize,
+    /// Chunk decode threads; `None` picks by store (see [`MountSettings::decode_threads_for`]).
+    pub decode_threads: Option<usize>,
     pub allow_other: bool,
     pub foreground: bool,
     /// `-o rw`: writes go to the store.
@@ -28,11 +28,10 @@ pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 
 impl Default for MountSettings {
     fn default() -> Self {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         MountSettings {
             cache_bytes: DEFAULT_CACHE_BYTES,
             threads: 4,
-            decode_threads: cores,
+            decode_threads: None,
             allow_other: false,
             foreground: false,
             read_write: false,
@@ -42,6 +41,18 @@ impl Default for MountSettings {
             passthrough: Vec::new(),
             remote: Default::default(),
         }
+    }
+}
+
+/// Decode threads for remote stores when not set: each decode first waits for its chunk to
+/// arrive, so many more fetches than cores must be in flight to hide network latency.
+pub const REMOTE_DECODE_THREADS: usize = 16;
+
+impl MountSettings {
+    /// The decode threads to run: as set, else one per core (local) or [`REMOTE_DECODE_THREADS`].
+    pub fn decode_threads_for(&self, remote: bool) -> usize {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        self.decode_threads.unwrap_or(if remote { REMOTE_DECODE_THREADS.max(cores) } else { cores })
     }
 }
 
@@ -93,7 +104,7 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
         match key {
             "cache_size" => settings.cache_bytes = parse_size(need(key, value)?)?,
             "threads" => settings.threads = number(value)?,
-            "decode_threads" => settings.decode_threads = number(value)?,
+            "decode_threads" => settings.decode_threads = Some(number(value)?),
             "readahead_kb" => settings.readahead_kb = number(value)? as u32,
             "allow_other" => settings.allow_other = true,
             "log_file" => settings.log_file = Some(need(key, value)?.to_string()),
