@@ -89,6 +89,9 @@ struct MountedArray {
     chunk_row_bytes: u64,
     /// Stripes the prefetcher keeps decoding ahead of a sequential reader (0: none).
     prefetch_stripes: u64,
+    /// The two files showing this array: the flat file and the `.npy` view.
+    data_ino: Ino,
+    npy_ino: Ino,
 }
 
 /// Bytes to hand back to a reader: a slice of one cached chunk when a read falls inside one
@@ -133,6 +136,9 @@ pub struct ZarrFs {
     next_fh: AtomicU64,
     bytes_served: AtomicU64,
     dirty: DirtyChunks,
+    /// Tells the kernel to drop cached pages of a file (inode, offset, length): the other view
+    /// of an array after a write through one of them.
+    invalidate: std::sync::OnceLock<Box<dyn Fn(Ino, u64, u64) + Send + Sync>>,
     options: FsOptions,
 }
 
@@ -168,6 +174,7 @@ impl ZarrFs {
             next_fh: AtomicU64::new(1),
             bytes_served: AtomicU64::new(0),
             dirty: DirtyChunks::default(),
+            invalidate: std::sync::OnceLock::new(),
             options,
         };
         for group in groups {
@@ -193,8 +200,8 @@ impl ZarrFs {
             let prefetch_stripes = prefetch_depth(&layout, fs.options.cache_bytes, fs.options.decode_threads);
             let index = fs.arrays.len();
             let parent = fs.dir_for(&parent_path, info.mtime);
-            fs.add_node(parent, &name, NodeKind::Data(index), info.mtime)?;
-            fs.add_node(parent, &format!("{name}.npy"), NodeKind::Npy(index), info.mtime)?;
+            let data_ino = fs.add_node(parent, &name, NodeKind::Data(index), info.mtime)?;
+            let npy_ino = fs.add_node(parent, &format!("{name}.npy"), NodeKind::Npy(index), info.mtime)?;
             Arc::get_mut(&mut fs.arrays).expect("not shared while building").push(MountedArray {
                 npy_header: npy::header(&info.dtype, &info.shape),
                 layout,
@@ -202,6 +209,8 @@ impl ZarrFs {
                 writer: if fs.options.writable { array.writer } else { None },
                 chunk_row_bytes,
                 prefetch_stripes,
+                data_ino,
+                npy_ino,
                 info,
             });
         }
@@ -478,22 +487,31 @@ impl ZarrFs {
             return Err(libc::EFBIG);
         }
         let pieces = a.layout.pieces(start, len);
-        {
-            let _serial = self.dirty.begin_write();
-            let mut seen: Vec<ChunkKey> = Vec::new();
-            for p in &pieces {
-                let key = chunk_key(index, a, &p.chunk);
-                if !seen.contains(&key) {
-                    seen.push(key);
-                    if !self.dirty.contains(key) {
-                        let base = load_chunk(&self.cache, index, a, &p.chunk)?;
-                        self.dirty.ensure(key, &p.chunk, base);
-                    }
-                }
-                self.dirty.edit(key, |chunk| {
-                    let (src, dst) = (p.out_offset as usize, p.chunk_offset as usize);
-                    chunk[dst..dst + p.len as usize].copy_from_slice(&data[src..src + p.len as usize]);
-                });
+        let pieces: Vec<_> = pieces
+            .iter()
+            .map(|p| (chunk_key(index, a, &p.chunk), p.chunk.as_slice(), p.chunk_offset as usize, p.out_offset as usize, p.len as usize))
+            .collect();
+        // Chunks not yet dirty start from their stored contents; load those first, outside any
+        // lock, then apply the whole write at once (again if a write-back retired a chunk).
+        let mut bases: HashMap<ChunkKey, Chunk> = HashMap::new();
+        let mut lacking: Vec<ChunkKey> = pieces.iter().map(|p| p.0).filter(|k| !self.dirty.contains(*k)).collect();
+        lacking.dedup();
+        loop {
+            let epoch = self.dirty.epoch();
+            for key in lacking {
+                let chunk = pieces.iter().find(|p| p.0 == key).expect("key from pieces").1;
+                bases.insert(key, load_chunk(&self.cache, index, a, chunk)?);
+            }
+            match self.dirty.apply(&pieces, &bases, epoch, data) {
+                Ok(()) => break,
+                Err(missing) => lacking = missing,
+            }
+        }
+        // The same bytes seen through the array's other file may sit in the page cache.
+        if let Some(invalidate) = self.invalidate.get() {
+            match ino == a.data_ino {
+                true => invalidate(a.npy_ino, start + a.npy_header.len() as u64, len),
+                false => invalidate(a.data_ino, start, len),
             }
         }
         let dirty = self.dirty.bytes();
@@ -503,6 +521,16 @@ impl ZarrFs {
             self.flush(None)?;
         }
         Ok(written)
+    }
+
+    /// Whether writes are allowed (files may change while open).
+    pub fn writable(&self) -> bool {
+        self.options.writable
+    }
+
+    /// How to drop kernel-cached pages of a file, once the mount can tell the kernel.
+    pub fn set_invalidator(&self, invalidate: Box<dyn Fn(Ino, u64, u64) + Send + Sync>) {
+        let _ = self.invalidate.set(invalidate);
     }
 
     /// Store the dirty chunks of the array behind `ino` (fsync, close) — or of every array.

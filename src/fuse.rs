@@ -84,10 +84,13 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        // Read-only: keep the page cache across opens — contents never change while mounted,
+        // and that cache is what lets a second reader (any process) skip the daemon entirely.
+        // Writable: an array's two files are separate page caches, so each open starts fresh
+        // (writes also invalidate the other file's pages, for readers that have it open).
+        let flags = if self.fs.writable() { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
         match self.fs.open(ino.0, write) {
-            // Keep the page cache across opens: file contents never change while mounted, and
-            // that cache is what lets a second reader (any process) skip the daemon entirely.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -301,6 +304,22 @@ fn empty_reply(result: Result<(), i32>, reply: ReplyEmpty) {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(errno(e)),
     }
+}
+
+/// Page-cache invalidation for writable mounts, sent from a thread of its own: the kernel may
+/// need to wait for pages locked by reads that our request threads are still serving.
+pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(u64, u64, u64) + Send + Sync> {
+    let (send, receive) = std::sync::mpsc::channel::<(u64, u64, u64)>();
+    let _ = std::thread::Builder::new().name("zarrfs-inval".into()).spawn(move || {
+        for (ino, offset, len) in receive {
+            // ENOENT: the kernel has no pages of that file cached, nothing to do.
+            let _ = notifier.inval_inode(INodeNo(ino), offset as i64, len as i64);
+        }
+    });
+    let send = std::sync::Mutex::new(send);
+    Box::new(move |ino, offset, len| {
+        let _ = send.lock().unwrap().send((ino, offset, len));
+    })
 }
 
 /// The xattr protocol: size 0 asks for the length, a too-small buffer is ERANGE.

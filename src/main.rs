@@ -414,6 +414,7 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     mount::set_readahead(&mountpoint, settings.readahead_kb);
     if settings.read_write {
         fs.spawn_writeback(std::time::Duration::from_secs(settings.writeback_secs));
+        fs.set_invalidator(zarrfs::fuse::invalidator(session.notifier()));
     }
     log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
 

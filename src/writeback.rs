@@ -2,12 +2,14 @@
 //! stored. Readers consult this before the clean cache, so every process sees written bytes at
 //! once; dirty chunks are never evicted, only written back.
 //!
-//! Writers are serialised (one `write` at a time applies its bytes to its chunks), which makes
-//! the result of concurrent writers exactly that of some serial order of their writes. A chunk
-//! being stored keeps accepting writes: each dirty chunk carries a version, and a stored copy
-//! only retires the dirty chunk when no write came in since the copy was taken.
+//! Each write is applied to all its chunks under one lock, which makes the result of concurrent
+//! writers exactly that of some serial order of their writes, and keeps a write-back from
+//! retiring a chunk halfway through a write. A chunk being stored keeps accepting writes: each
+//! dirty chunk carries a version, and a stored copy only retires the dirty chunk when no write
+//! came in since the copy was taken.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::cache::{Chunk, ChunkKey};
@@ -30,8 +32,8 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct DirtyChunks {
     map: Mutex<HashMap<ChunkKey, Dirty>>,
-    /// Held by a write for its whole duration.
-    writers: Mutex<()>,
+    /// Bumped whenever write-back retires a chunk: bases loaded before then may be stale.
+    epoch: AtomicU64,
     /// Held while chunks are being stored: one write-back at a time.
     flushing: Mutex<()>,
 }
@@ -51,23 +53,39 @@ impl DirtyChunks {
         self.map.lock().unwrap().values().map(|d| d.data.len() as u64).sum()
     }
 
-    /// Serialise writers; hold the guard while loading bases and applying a write.
-    pub fn begin_write(&self) -> MutexGuard<'_, ()> {
-        self.writers.lock().unwrap()
+    /// Take before loading bases for [`apply`](Self::apply).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
-    /// Make `key` dirty with `base` as its current contents, unless it already is.
-    pub fn ensure(&self, key: ChunkKey, chunk: &[u64], base: Chunk) {
-        self.map.lock().unwrap().entry(key).or_insert_with(|| Dirty { chunk: chunk.to_vec(), data: base, version: 0 });
-    }
-
-    /// Apply `edit` to the bytes of dirty chunk `key` (copied first if a reader still holds
-    /// them). The chunk must have been made dirty with [`ensure`](Self::ensure).
-    pub fn edit(&self, key: ChunkKey, edit: impl FnOnce(&mut [u8])) {
+    /// Apply one write atomically with respect to write-back: copy `data[src..src+len]` to
+    /// `chunk[dst..dst+len]` for each `(key, chunk indices, dst, src, len)` piece. A chunk that is
+    /// not dirty starts from its entry in `bases`, loaded since `epoch`. If one lacks a base, or
+    /// a write-back retired chunks since `epoch` (so a base may predate a stored write),
+    /// nothing is applied and the keys that need a (fresh) base are returned.
+    pub fn apply(
+        &self,
+        pieces: &[(ChunkKey, &[u64], usize, usize, usize)],
+        bases: &HashMap<ChunkKey, Chunk>,
+        epoch: u64,
+        data: &[u8],
+    ) -> Result<(), Vec<ChunkKey>> {
         let mut map = self.map.lock().unwrap();
-        let dirty = map.get_mut(&key).expect("ensure() before edit()");
-        edit(Arc::make_mut(&mut dirty.data).as_mut_slice());
-        dirty.version += 1;
+        let fresh = self.epoch.load(Ordering::SeqCst) == epoch;
+        let mut lacking: Vec<ChunkKey> =
+            pieces.iter().map(|p| p.0).filter(|k| !map.contains_key(k) && !(fresh && bases.contains_key(k))).collect();
+        if !lacking.is_empty() {
+            lacking.dedup();
+            return Err(lacking);
+        }
+        for &(key, chunk, dst, src, len) in pieces {
+            let dirty = map
+                .entry(key)
+                .or_insert_with(|| Dirty { chunk: chunk.to_vec(), data: bases[&key].clone(), version: 0 });
+            Arc::make_mut(&mut dirty.data)[dst..dst + len].copy_from_slice(&data[src..src + len]);
+            dirty.version += 1;
+        }
+        Ok(())
     }
 
     /// Serialise write-backs; hold the guard from [`snapshot`](Self::snapshot) to
@@ -97,6 +115,7 @@ impl DirtyChunks {
             if map.get(&s.key).is_some_and(|d| d.version == s.version) {
                 clean(s.key, s.data.clone());
                 map.remove(&s.key);
+                self.epoch.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
@@ -106,18 +125,23 @@ impl DirtyChunks {
 mod tests {
     use super::*;
 
+    fn write(dirty: &DirtyChunks, bases: &HashMap<ChunkKey, Chunk>, at: usize, value: u8) -> Result<(), Vec<ChunkKey>> {
+        dirty.apply(&[((0, 1), &[1], at, 0, 1)], bases, dirty.epoch(), &[value])
+    }
+
     #[test]
     fn edits_copy_on_write_and_retire_by_version() {
         let dirty = DirtyChunks::default();
         let base: Chunk = Arc::new(vec![0u8; 4]);
-        dirty.ensure((0, 1), &[1], base.clone());
-        dirty.edit((0, 1), |b| b[0] = 7);
+        assert_eq!(write(&dirty, &HashMap::new(), 0, 7), Err(vec![(0, 1)]), "no base, nothing applied");
+        let bases = HashMap::from([((0, 1), base.clone())]);
+        write(&dirty, &bases, 0, 7).unwrap();
         assert_eq!(*base, vec![0; 4], "the clean chunk a reader holds is untouched");
         assert_eq!(*dirty.get((0, 1)).unwrap(), vec![7, 0, 0, 0]);
         assert_eq!(dirty.bytes(), 4);
 
         let snap = dirty.snapshot(|_| true);
-        dirty.edit((0, 1), |b| b[1] = 8); // written while being stored
+        write(&dirty, &HashMap::new(), 1, 8).unwrap(); // written while being stored
         let cleaned = Mutex::new(Vec::new());
         dirty.retire(&snap, |k, c| cleaned.lock().unwrap().push((k, c)));
         assert!(cleaned.lock().unwrap().is_empty(), "a newer write keeps the chunk dirty");
@@ -128,13 +152,18 @@ mod tests {
         assert_eq!(cleaned.lock().unwrap().len(), 1);
         assert!(!dirty.contains((0, 1)));
         assert_eq!(dirty.bytes(), 0);
+        assert_eq!(write(&dirty, &HashMap::new(), 2, 9), Err(vec![(0, 1)]), "retired: needs a base again");
+        let stale_epoch = dirty.epoch() - 1;
+        let r = dirty.apply(&[((0, 1), &[1], 0, 0, 1)], &bases, stale_epoch, &[1]);
+        assert_eq!(r, Err(vec![(0, 1)]), "a base loaded before a retire is not trusted");
     }
 
     #[test]
     fn snapshot_selects() {
         let dirty = DirtyChunks::default();
         for a in 0..3u32 {
-            dirty.ensure((a, 0), &[0], Arc::new(vec![0]));
+            let bases = HashMap::from([((a, 0), Arc::new(vec![0u8]))]);
+            dirty.apply(&[((a, 0), &[0], 0, 0, 1)], &bases, dirty.epoch(), &[1]).unwrap();
         }
         let picked: Vec<_> = dirty.snapshot(|k| k.0 == 1).into_iter().map(|s| s.key).collect();
         assert_eq!(picked, vec![(1, 0)]);
