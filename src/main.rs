@@ -81,7 +81,7 @@ fn split_target(target: &Path) -> (PathBuf, String) {
 struct MountArgs {
     store: PathBuf,
     mountpoint: PathBuf,
-    /// Stay in the foreground and log to stderr (level from RUST_LOG, default "warn").
+    /// Stay in the foreground and log to stderr (RUST_LOG sets the level; default: zarrfs at info).
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma-separated: cache_size=SIZE, threads=N, decode_threads=N,
@@ -175,7 +175,7 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,zarrfs=info")).init();
     let result = match cli.command {
         Command::Info { store, json } => {
             // Like other Unix filters: `zarrfs info | head` ends quietly when the reader goes.
@@ -416,11 +416,10 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         fs.spawn_writeback(std::time::Duration::from_secs(settings.writeback_secs));
         fs.set_invalidator(zarrfs::fuse::invalidator(session.notifier()));
     }
-    log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
-
     if let Some(fd) = ready_fd {
         detach(fd, settings.log_file.as_deref())?;
     }
+    log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
     let mp = mountpoint.clone();
     std::thread::Builder::new()
         .name("zarrfs-signals".into())
