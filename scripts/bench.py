@@ -15,8 +15,14 @@ interleaved so that machine noise spreads over all paths alike.
   4. Random 4 KiB pread latency on a decoded chunk and on a not-yet-decoded chunk.
   5. Decodes per chunk in full scans and the daemon's peak RSS against --cache-size, including a
      scan with a cache 8x smaller than the array.
+  6. Cold scan over loopback HTTP of a 256 MiB copy (v3 zstd, consolidated) served by Python's
+     http.server with byte ranges (tests/python/remote_servers.py): a fresh `zarrfs mount
+     http://...` (1 MiB readinto) against zarr-python reading the same URL (fsspec + aiohttp).
   +  Diagnostics: FUSE read sizes seen by the daemon during scans (fuser debug log), CPU used by
      each kind of daemon thread.
+
+BENCH_ONLY=http,latency,... runs only those sections (cold, storecached, warm, column, latency,
+small_cache, read_sizes, http) and writes bench-out/results-partial.{md,json} instead.
 
 Writes bench-out/results.md (also printed), bench-out/results.json and bench-out/throughput.png.
 Data are generated once under bench-out/data (seeded) and reused while the parameters match.
@@ -41,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import ensure_data  # noqa: E402
+from bench_data import ensure_data, ensure_http_data  # noqa: E402
 from bench_mount import (  # noqa: E402
     Mount, bdi_read_ahead_kb, drop_caches, drop_error, is_mounted, log, unmount,
 )
@@ -49,6 +55,8 @@ from bench_mount import (  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench-out"
 DATA = OUT / "data"
+HTTP_DATA = OUT / "data-http"
+HTTP_WORK = OUT / "http"
 MNT = OUT / "mnt"
 LOGS = OUT / "logs"
 BUILT_BIN = ROOT / "target" / "release" / "zarrfs"
@@ -494,6 +502,58 @@ def bench_read_sizes(info: dict) -> None:
     results["read_sizes"] = out
 
 
+# ---------------------------------------------------------------- 6. over HTTP
+
+def bench_http() -> None:
+    """Cold scans of the same URL: a fresh zarrfs mount vs zarr-python (fsspec HTTP). The page
+    cache is dropped before each, so the server reads the store from disk every time."""
+    try:
+        import aiohttp  # noqa: F401
+        import fsspec  # noqa: F401
+    except ImportError:
+        results["notes"].append("fsspec/aiohttp are not installed; the HTTP scan is skipped")
+        return
+    import zarr
+    sys.path.insert(0, str(ROOT / "tests" / "python"))
+    from remote_servers import HttpServer
+    hinfo = ensure_http_data(HTTP_DATA)
+    results["http_data"] = hinfo
+    nb, arr = hinfo["nbytes"], hinfo["array"]
+    HTTP_WORK.mkdir(exist_ok=True)
+    (HTTP_WORK / "http-requests.log").unlink(missing_ok=True)
+    server = HttpServer(HTTP_DATA, HTTP_WORK).start()
+    try:
+        url = server.url(hinfo["store"])
+        results["http_url"] = url
+        zarr.open_array(url, path=arr, mode="r")[:1, :1]  # zarr-python's start-up, untimed
+        for rep in range(REPS):
+            log(f"6. cold scans over HTTP ({nb / MiB:.0f} MiB), repetition {rep + 1}/{REPS}")
+            with Mount(BIN, url, MNT, log_path=LOGS / f"http-{rep}.log") as m:
+                drop_caches()
+                c0, t0 = m.cpu(), time.perf_counter()
+                n = read_readinto(MNT / arr)
+                dt = time.perf_counter() - t0
+                cpu, st = m.cpu() - c0, m.stats()
+            assert n == nb, f"short scan: {n} of {nb} bytes"
+            add("http.zarrfs_readinto", nb / dt / 1e9, "zarrfs mount of the URL, 1 MiB readinto, cold", "GB/s")
+            mm = results["measurements"]["http.zarrfs_readinto"]
+            mm.setdefault("daemon_cores", []).append(cpu / dt)
+            mm.setdefault("decodes_per_chunk", []).append(st["chunks_decoded"] / hinfo["n_chunks"])
+            drop_caches()
+            t0 = time.perf_counter()
+            a = zarr.open_array(url, path=arr, mode="r")[:]
+            dt = time.perf_counter() - t0
+            assert a.nbytes == nb
+            add("http.zarr_python", nb / dt / 1e9, "zarr-python z[:] of the URL (fsspec HTTP), cold", "GB/s")
+        # Untimed: both paths read the same values.
+        with Mount(BIN, url, MNT, log_path=LOGS / "http-check.log"):
+            same = np.array_equal(np.memmap(MNT / arr, dtype=hinfo["dtype"], mode="r", shape=a.shape), a)
+        assert same, "the HTTP mount and zarr-python read different values"
+        results["http_requests"] = len(server.requests())
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------- report
 
 def targets(info: dict) -> list[dict]:
@@ -590,6 +650,20 @@ def render(info: dict, elapsed: float) -> str:
         if m:
             where = "v3 only" if ("zarrfs" in k) else "(raw)"
             L.append(f"| {label} | {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) | {where} |")
+    hz, hp = M.get("http.zarrfs_readinto"), M.get("http.zarr_python")
+    if hz or hp:
+        hi = results.get("http_data", {})
+        L.append("")
+        L.append(f"## Scan over loopback HTTP (GB/s): {hi.get('nbytes', 0) / MiB:.0f} MiB v3 zstd copy, consolidated, "
+                 f"Python http.server with byte ranges")
+        L.append("")
+        L.append("| path | GB/s |")
+        L.append("|---|---:|")
+        for m in (hz, hp):
+            if m:
+                L.append(f"| {m['label']} | {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) |")
+        if hz and hp:
+            L.append(f"| ratio zarrfs / zarr-python | {hz['median'] / hp['median']:.2f}x |")
     L.append("")
     L.append("## Cold scans through the mount: where the time goes (medians)")
     L.append("")
@@ -673,8 +747,11 @@ def plot(path: Path) -> None:
     for k in ["warm.zarrfs.dd", "warm.zarrfs.memmap", "warm.raw.dd", "warm.raw.memmap", "warm.tmpfs.dd"]:
         if k in M:
             rows.append((M[k]["label"], M[k], "warm"))
+    for k in ["http.zarrfs_readinto", "http.zarr_python"]:
+        if k in M:
+            rows.append((M[k]["label"] + " (256 MiB)", M[k], "loopback HTTP"))
     colours = {"cold v3 zstd": "tab:blue", "cold v2 blosc-lz4": "tab:orange", "store files in page cache": "tab:purple",
-               "cold, other": "tab:gray", "warm": "tab:green"}
+               "cold, other": "tab:gray", "warm": "tab:green", "loopback HTTP": "tab:red"}
     fig, ax = plt.subplots(figsize=(10, 0.38 * len(rows) + 1.6))
     y = np.arange(len(rows))[::-1]
     meds = [r[1]["median"] for r in rows]
@@ -688,7 +765,8 @@ def plot(path: Path) -> None:
     ax.set_title(f"zarrfs: reading a 1 GiB float32 array\n{mach['nproc']} cores, {mach['cpu']}, "
                  f"Linux {mach['kernel']}, {mach['date']}", fontsize=8)
     from matplotlib.patches import Patch
-    ax.legend(handles=[Patch(color=c, label=l) for l, c in colours.items()], fontsize=7, loc="lower right")
+    used = {r[2] for r in rows}
+    ax.legend(handles=[Patch(color=c, label=l) for l, c in colours.items() if l in used], fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -732,17 +810,30 @@ def main() -> int:
     except ImportError:
         have_ts = False
         results["notes"].append("tensorstore is not installed; its path is skipped")
+    sections = {
+        "cold": lambda: bench_cold_scans(info, have_scan, have_ts),
+        "storecached": lambda: bench_store_cached(info, have_scan),
+        "warm": lambda: bench_warm(info),
+        "column": lambda: bench_column(info),
+        "latency": lambda: bench_latency(info),
+        "small_cache": lambda: bench_small_cache(info),
+        "read_sizes": lambda: bench_read_sizes(info),
+        "http": bench_http,
+    }
+    only = [s.strip() for s in os.environ.get("BENCH_ONLY", "").split(",") if s.strip()]
+    unknown = [s for s in only if s not in sections]
+    if unknown:
+        log(f"BENCH_ONLY: unknown sections {unknown}; known: {', '.join(sections)}")
+        return 2
+    if only:
+        results["notes"].append(f"partial run: BENCH_ONLY={','.join(only)}")
     info = ensure_data(DATA)
     results["data"] = info
     busy0, own0, wall0, la0 = system_busy_seconds(), reader_cpu(), time.perf_counter(), loadavg()
     try:
-        bench_cold_scans(info, have_scan, have_ts)
-        bench_store_cached(info, have_scan)
-        bench_warm(info)
-        bench_column(info)
-        bench_latency(info)
-        bench_small_cache(info)
-        bench_read_sizes(info)
+        for name, run in sections.items():
+            if not only or name in only:
+                run()
     finally:
         SHM_RAW.unlink(missing_ok=True)
         if is_mounted(MNT):
@@ -754,14 +845,16 @@ def main() -> int:
     results["page_cache_drop_error"] = drop_error()
     elapsed = time.perf_counter() - started
     results["elapsed_seconds"] = elapsed
-    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    plot(OUT / "throughput.png")
+    stem = "results-partial" if only else "results"
+    (OUT / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    if not only:
+        plot(OUT / "throughput.png")
     md = render(info, elapsed)
-    (OUT / "results.md").write_text(md)
+    (OUT / f"{stem}.md").write_text(md)
     print(md)
     met = sum(t["met"] for t in results["targets"])
-    log(f"{met}/{len(results['targets'])} targets met; results in {OUT}/results.md, results.json, throughput.png "
-        f"({elapsed:.0f} s)")
+    log(f"{met}/{len(results['targets'])} targets met; results in {OUT}/{stem}.md, {stem}.json"
+        + ("" if only else ", throughput.png") + f" ({elapsed:.0f} s)")
     return 0
 
 

@@ -5,6 +5,12 @@
   DATA/raw.f32            the same elements, uncompressed, C order, native endian
   DATA/params.json        the parameters; data are reused when they match
 
+and, for the scan over HTTP, a smaller field (HTTP_PARAMS, the first rows' recipe at 8192x8192)
+written once more by ensure_http_data():
+
+  HTTPDATA/v3.zarr        a group with consolidated metadata (a plain HTTP server cannot be
+                          listed), field as above: v3, bytes + zstd level 0
+
 The field is smooth (a latitude profile plus waves) with Gaussian noise, quantised to 1/256 so
 that zstd compresses it about 2x, as real measured fields do. Written in slabs of one chunk row,
 all three copies in the same pass, so generation stays within seconds per GiB.
@@ -35,6 +41,9 @@ PARAMS = {
 }
 
 ARRAY = "field"
+
+# 256 MiB: 8x8 chunks of 4 MiB, for the scan over loopback HTTP.
+HTTP_PARAMS = {**PARAMS, "shape": [8192, 8192], "layout": "v3 zstd only, consolidated"}
 
 
 def log(msg: str) -> None:
@@ -127,4 +136,55 @@ def info(data_dir: Path, params: dict) -> dict:
         "raw": str(data_dir / "raw.f32"),
         "v3_stored_bytes": dir_bytes(data_dir / "v3.zarr"),
         "v2_stored_bytes": dir_bytes(data_dir / "v2.zarr"),
+    }
+
+
+def ensure_http_data(data_dir: Path, params: dict = HTTP_PARAMS) -> dict:
+    """The store served over HTTP: v3 only, consolidated; reused while params match."""
+    import warnings
+
+    data_dir = Path(data_dir)
+    pfile = data_dir / "params.json"
+    store = data_dir / "v3.zarr"
+    n = int(np.prod([-(-s // c) for s, c in zip(params["shape"], params["chunks"])]))
+    if pfile.exists():
+        try:
+            if (json.loads(pfile.read_text()) == json.loads(json.dumps(params))
+                    and sum(1 for p in (store / ARRAY / "c").rglob("*") if p.is_file()) == n):
+                log(f"reusing data in {data_dir}")
+                return http_info(data_dir, params)
+        except ValueError:
+            pass
+    log(f"generating {np.prod(params['shape']) * 4 / 2**20:.0f} MiB of data in {data_dir} ...")
+    t0 = time.perf_counter()
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    data_dir.mkdir(parents=True)
+    shape, chunks = tuple(params["shape"]), tuple(params["chunks"])
+    z = zarr.create_array(store=str(store), name=ARRAY, shape=shape, chunks=chunks, dtype=params["dtype"],
+                          zarr_format=3)
+    for i in range(-(-shape[0] // chunks[0])):
+        s = slab(params, i)
+        z[i * chunks[0]:i * chunks[0] + s.shape[0], :] = s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "consolidated metadata is not part of the Zarr v3 spec"
+        zarr.consolidate_metadata(str(store))
+    pfile.write_text(json.dumps(params, indent=1))
+    log(f"generated in {time.perf_counter() - t0:.1f} s")
+    return http_info(data_dir, params)
+
+
+def http_info(data_dir: Path, params: dict) -> dict:
+    shape = params["shape"]
+    grid = [-(-s // c) for s, c in zip(shape, params["chunks"])]
+    return {
+        "dir": str(data_dir),
+        "store": "v3.zarr",
+        "array": ARRAY,
+        "shape": shape,
+        "chunks": params["chunks"],
+        "dtype": params["dtype"],
+        "nbytes": int(np.prod(shape)) * np.dtype(params["dtype"]).itemsize,
+        "n_chunks": int(np.prod(grid)),
+        "stored_bytes": dir_bytes(Path(data_dir) / "v3.zarr"),
     }

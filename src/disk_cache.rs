@@ -2,9 +2,11 @@
 //! a remote storage.
 //!
 //! Layout of the cache directory `DIR`:
-//! - `DIR/objects/NAME`: one entry per (store URL, key, byte range); `NAME` is a hash of that
-//!   identity, which the entry also carries in its header and which is checked on every read,
-//!   so a hash collision is a miss, never wrong data.
+//! - `DIR/objects/KEY-RANGE`: one entry per (store URL, key, version, byte range). `KEY` hashes
+//!   the store URL and the key, `RANGE` the whole identity, which the entry also carries in its
+//!   header and which is checked on every read, so a hash collision is a miss, never wrong data.
+//! - `DIR/objects/KEY-v`: the version record of a key that was written through a writable mount
+//!   (absent for keys never written): a tag that is part of the identity of the key's entries.
 //! - `DIR/tmp/`: entries being written; each is renamed into `objects/` when complete, so a
 //!   reader (this daemon, another daemon, a later mount) never sees a partial entry.
 //! - `DIR/usage`: the disk usage of the cache as a decimal number, and the `flock` that
@@ -16,23 +18,36 @@
 //! blocks they occupy, and a full rescan under the lock (at open, and whenever an eviction is
 //! needed) recounts the real usage, directories included, so crashes cannot make it drift.
 //!
+//! Writes (S3 with `-o rw`): after each put or delete of a key, its version record gets a new
+//! tag (and a put caches the new object whole under it), so every entry of the old version, in
+//! every daemon sharing the directory, becomes unreachable at once without being looked for;
+//! LRU eviction removes them later. Evicting a version record evicts every entry of its key with
+//! it, so old entries can never become reachable again. A fetch that raced with a write inserts
+//! under the version it started with, which is then already unreachable (every read refreshes
+//! the version record's recency, so it is not evicted while a fetch of its key is in flight,
+//! short of the whole cache turning over during that one fetch).
+//!
 //! Freshness: chunks are served from the cache first (objects of a Zarr store are assumed
-//! immutable while cached). Metadata documents go to the remote first and are refreshed in the
-//! cache, including "absent" answers; when the remote cannot be reached, the cached copies are
-//! served, so a store can be remounted while its server is down.
+//! immutable while cached, but for writes made through mounts sharing the directory). Metadata
+//! documents go to the remote first and are refreshed in the cache, including "absent" answers;
+//! when the remote cannot be reached, the cached copies are served, so a store can be remounted
+//! while its server is down.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
-    Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableListableStorage,
+    Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableListableStorage,
     ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
+    WritableStorage, WritableStorageTraits,
 };
 
 const MAGIC: &[u8; 6] = b"ZFSC1\n";
@@ -43,9 +58,11 @@ const BLOCK: u64 = 4096;
 /// Estimated directory-entry cost of one file, until a rescan measures the directory.
 const DIRENT: u64 = 64;
 
-/// A disk-cached view of `inner`, a remote storage.
+/// A disk-cached view of `inner`, a remote storage; writable when given a `writer`.
 pub struct DiskCache {
     inner: ReadableListableStorage,
+    /// The same remote storage, writable (S3 on a writable mount).
+    writer: Option<WritableStorage>,
     /// The store URL: part of every entry's identity, so stores can share a directory.
     namespace: String,
     objects: PathBuf,
@@ -62,6 +79,25 @@ enum Entry {
     Present(Bytes),
     Absent,
 }
+
+/// The version of a key whose entries are looked up and stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Version {
+    /// Never written through a mount sharing the directory: no version record.
+    Original,
+    /// The tag of the key's version record.
+    Tag(String),
+    /// The version record cannot be read: the key bypasses the cache.
+    Unknown,
+}
+
+/// One entry: its file name in `objects/` and its identity.
+struct Slot {
+    name: String,
+    identity: String,
+}
+
+const VERSION_SUFFIX: &str = "-v";
 
 impl DiskCache {
     /// Open (creating if needed) the cache directory `dir`, bounded to `bound` bytes of disk,
@@ -87,6 +123,7 @@ impl DiskCache {
             .map_err(|e| e.to_string())?;
         let cache = DiskCache {
             inner,
+            writer: None,
             namespace: namespace.to_string(),
             objects: root.join("objects"),
             tmp: root.join("tmp"),
@@ -102,6 +139,12 @@ impl DiskCache {
         Ok(cache)
     }
 
+    /// Writes go to `writer` (the remote storage behind `inner`) and keep the cache coherent.
+    pub fn with_writer(mut self, writer: WritableStorage) -> DiskCache {
+        self.writer = Some(writer);
+        self
+    }
+
     fn lock(&self) -> UsageLock<'_> {
         let file = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: flock on a valid, open fd.
@@ -113,33 +156,120 @@ impl DiskCache {
         UsageLock { file }
     }
 
-    fn identity(&self, key: &StoreKey, range: &ByteRange) -> String {
+    /// The part of the file names of `key`'s entries that names the key.
+    fn key_name(&self, key: &StoreKey) -> String {
+        hash_name(&format!("{}\n{}", self.namespace, key.as_str()))
+    }
+
+    /// The entry of `key`'s byte range `range` at `version` (not [`Version::Unknown`]).
+    fn slot(&self, key: &StoreKey, range: &ByteRange, version: &Version) -> Slot {
         let range = match range {
             ByteRange::FromStart(0, None) => "all".to_string(),
             ByteRange::FromStart(start, None) => format!("{start}-"),
             ByteRange::FromStart(start, Some(len)) => format!("{start}+{len}"),
             ByteRange::Suffix(len) => format!("-{len}"),
         };
-        format!("{}\n{}\n{}", self.namespace, key.as_str(), range)
+        let mut identity = format!("{}\n{}\n{}", self.namespace, key.as_str(), range);
+        if let Version::Tag(tag) = version {
+            identity.push('\n');
+            identity.push_str(tag);
+        }
+        let name = format!("{}-{:016x}", self.key_name(key), fnv64(&identity, FNV_B));
+        Slot { name, identity }
     }
 
-    fn entry_path(&self, identity: &str) -> PathBuf {
-        self.objects.join(entry_name(identity))
+    /// The version record of `key`.
+    fn version_slot(&self, key: &StoreKey) -> Slot {
+        Slot {
+            name: format!("{}{VERSION_SUFFIX}", self.key_name(key)),
+            identity: format!("{}\n{}\nversion", self.namespace, key.as_str()),
+        }
     }
 
-    /// The entry for `identity`, if the cache has a valid one; refreshes its recency.
-    fn lookup(&self, identity: &str) -> Option<Entry> {
-        let path = self.entry_path(identity);
-        let mut file = File::open(&path).ok()?;
+    /// The current version of `key`; refreshes the recency of its version record.
+    fn version(&self, key: &StoreKey) -> Version {
+        let slot = self.version_slot(key);
+        let mut file = match File::open(self.objects.join(&slot.name)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Version::Original,
+            Err(_) => return Version::Unknown,
+        };
+        let mut data = Vec::new();
+        if file.read_to_end(&mut data).is_err() {
+            return Version::Unknown;
+        }
+        match decode_entry(&data, &slot.identity) {
+            Some(Entry::Present(tag)) => {
+                let _ = file.set_modified(SystemTime::now());
+                Version::Tag(String::from_utf8_lossy(&tag).into_owned())
+            }
+            _ => Version::Unknown,
+        }
+    }
+
+    /// After a write of `key`: give it a new version, so that no entry of an older one can be
+    /// found again; returns the new version. If the version record cannot be stored, every
+    /// entry of the key is removed instead.
+    fn new_version(&self, key: &StoreKey) -> Version {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let tag = format!(
+            "{nanos:x}.{:x}.{:x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let slot = self.version_slot(key);
+        if self.insert(&slot, &Entry::Present(Bytes::from(tag.clone()))) {
+            return Version::Tag(tag);
+        }
+        self.purge_key(key);
+        Version::Original
+    }
+
+    /// Remove every entry of `key`, its version record included (a scan of the directory:
+    /// only when a version record cannot be stored).
+    fn purge_key(&self, key: &StoreKey) {
+        let prefix = format!("{}-", self.key_name(key));
+        let guard = self.lock();
+        let mut usage = guard.read_usage();
+        let purged = (|| -> std::io::Result<()> {
+            for e in std::fs::read_dir(&self.objects)?.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let cost = e.metadata().map(|m| cost_of(&m)).unwrap_or(0);
+                    match std::fs::remove_file(e.path()) {
+                        Ok(()) => usage = usage.saturating_sub(cost),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok(())
+        })();
+        guard.write_usage(usage);
+        if let Err(e) = purged {
+            log::error!(
+                "disk cache {}: {key} was written but its old cached copies cannot be removed: {e}",
+                self.root.display()
+            );
+        }
+    }
+
+    /// The entry in `slot`, if the cache has a valid one; refreshes its recency.
+    fn lookup(&self, slot: &Slot) -> Option<Entry> {
+        let mut file = File::open(self.objects.join(&slot.name)).ok()?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).ok()?;
-        let entry = decode_entry(&data, identity)?;
+        let entry = decode_entry(&data, &slot.identity)?;
         let _ = file.set_modified(SystemTime::now());
         Some(entry)
     }
 
-    /// Store an entry (atomically replacing any previous one), evicting as needed.
-    fn insert(&self, identity: &str, entry: &Entry) {
+    /// Store an entry (atomically replacing any previous one), evicting as needed. Returns
+    /// whether it was stored.
+    fn insert(&self, slot: &Slot, entry: &Entry) -> bool {
+        let identity = slot.identity.as_str();
         let payload: &[u8] = match entry {
             Entry::Present(b) => b,
             Entry::Absent => &[],
@@ -156,11 +286,12 @@ impl DiskCache {
         data.extend_from_slice(payload);
         let cost = cost_of_len(data.len() as u64);
         if cost > self.bound {
-            return; // never fits: served, not cached
+            return false; // never fits: served, not cached
         }
-        let name = entry_name(identity);
-        let dest = self.objects.join(&name);
-        let tmp = self.tmp.join(format!("{name}.{}", std::process::id()));
+        let dest = self.objects.join(&slot.name);
+        let tmp = self
+            .tmp
+            .join(format!("{}.{}", slot.name, std::process::id()));
         let guard = self.lock();
         let mut usage = guard.read_usage();
         let replaced = std::fs::metadata(&dest).map(|m| cost_of(&m)).unwrap_or(0);
@@ -170,12 +301,12 @@ impl DiskCache {
                 Ok(total) => usage = total,
                 Err(e) => {
                     log::warn!("disk cache {}: {e}", self.root.display());
-                    return;
+                    return false;
                 }
             }
             if usage + cost > self.bound {
                 guard.write_usage(usage);
-                return;
+                return false;
             }
         }
         let written = (|| -> std::io::Result<u64> {
@@ -186,17 +317,22 @@ impl DiskCache {
             std::fs::rename(&tmp, &dest)?;
             Ok(cost)
         })();
-        match written {
-            Ok(cost) => usage += cost,
+        let stored = match written {
+            Ok(cost) => {
+                usage += cost;
+                true
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 log::warn!(
                     "disk cache {}: cannot store an entry: {e}",
                     self.root.display()
                 );
+                false
             }
-        }
+        };
         guard.write_usage(usage);
+        stored
     }
 
     /// Under the lock: measure the directory (removing leftovers of interrupted writes), then
@@ -232,14 +368,39 @@ impl DiskCache {
         // every time once the cache is full.
         let target = (self.bound - self.bound / 10).saturating_sub(room);
         entries.sort();
+        // A version record takes every entry of its key along: entries of older versions must
+        // not become reachable again.
+        let mut of_key: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, (_, _, path)) in entries.iter().enumerate() {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if let Some((key, _)) = name.split_once('-') {
+                of_key.entry(key.to_string()).or_default().push(i);
+            }
+        }
+        let mut gone = vec![false; entries.len()];
         let mut evicted = 0usize;
-        for (_, cost, path) in entries {
+        for i in 0..entries.len() {
             if total <= target {
                 break;
             }
-            if std::fs::remove_file(&path).is_ok() {
-                total = total.saturating_sub(cost);
-                evicted += 1;
+            if gone[i] {
+                continue;
+            }
+            let name = entries[i]
+                .2
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy();
+            let victims = match name.strip_suffix(VERSION_SUFFIX) {
+                Some(key) => of_key.get(key).cloned().unwrap_or_default(),
+                None => vec![i],
+            };
+            for j in victims {
+                if !gone[j] && std::fs::remove_file(&entries[j].2).is_ok() {
+                    total = total.saturating_sub(entries[j].1);
+                    evicted += 1;
+                }
+                gone[j] = true;
             }
         }
         if at_open || evicted > 0 {
@@ -251,21 +412,38 @@ impl DiskCache {
         Ok(total)
     }
 
+    /// Fetch from the remote, bypassing the cache.
+    fn get_uncached(
+        &self,
+        key: &StoreKey,
+        ranges: Vec<ByteRange>,
+    ) -> Result<Option<Vec<Bytes>>, StorageError> {
+        self.inner
+            .get_partial_many(key, Box::new(ranges.into_iter()))?
+            .map(|parts| parts.collect::<Result<Vec<Bytes>, _>>())
+            .transpose()
+    }
+
     /// Chunks: cache first; what is missing is fetched in one call and stored.
     fn get_cached_first(
         &self,
         key: &StoreKey,
         ranges: Vec<ByteRange>,
     ) -> Result<Option<Vec<Bytes>>, StorageError> {
+        let version = self.version(key);
+        if version == Version::Unknown {
+            return self.get_uncached(key, ranges);
+        }
         let mut out: Vec<Option<Bytes>> = Vec::with_capacity(ranges.len());
         let mut whole: Option<Option<Bytes>> = None;
         for range in &ranges {
-            let hit = match self.lookup(&self.identity(key, range)) {
+            let hit = match self.lookup(&self.slot(key, range, &version)) {
                 Some(Entry::Present(b)) => Some(b),
                 _ => {
                     // A byte range of an object cached whole.
                     let all = whole.get_or_insert_with(|| {
-                        match self.lookup(&self.identity(key, &ByteRange::FromStart(0, None))) {
+                        let slot = self.slot(key, &ByteRange::FromStart(0, None), &version);
+                        match self.lookup(&slot) {
                             Some(Entry::Present(b)) => Some(b),
                             _ => None,
                         }
@@ -292,7 +470,10 @@ impl DiskCache {
         };
         let fetched: Vec<Bytes> = fetched.collect::<Result<_, _>>()?;
         for (range, bytes) in missing.iter().zip(&fetched) {
-            self.insert(&self.identity(key, range), &Entry::Present(bytes.clone()));
+            self.insert(
+                &self.slot(key, range, &version),
+                &Entry::Present(bytes.clone()),
+            );
         }
         let mut fetched = fetched.into_iter();
         Ok(Some(
@@ -308,36 +489,31 @@ impl DiskCache {
         key: &StoreKey,
         ranges: Vec<ByteRange>,
     ) -> Result<Option<Vec<Bytes>>, StorageError> {
-        let identities: Vec<String> = ranges.iter().map(|r| self.identity(key, r)).collect();
-        let remote = self
-            .inner
-            .get_partial_many(key, Box::new(ranges.clone().into_iter()))
-            .and_then(|r| {
-                r.map(|it| it.collect::<Result<Vec<Bytes>, _>>())
-                    .transpose()
-            });
-        match remote {
+        let version = self.version(key);
+        if version == Version::Unknown {
+            return self.get_uncached(key, ranges);
+        }
+        let slots: Vec<Slot> = ranges.iter().map(|r| self.slot(key, r, &version)).collect();
+        match self.get_uncached(key, ranges) {
             Ok(Some(parts)) => {
-                for (identity, bytes) in identities.iter().zip(&parts) {
-                    let fresh =
-                        matches!(self.lookup(identity), Some(Entry::Present(b)) if b == bytes);
+                for (slot, bytes) in slots.iter().zip(&parts) {
+                    let fresh = matches!(self.lookup(slot), Some(Entry::Present(b)) if b == bytes);
                     if !fresh {
-                        self.insert(identity, &Entry::Present(bytes.clone()));
+                        self.insert(slot, &Entry::Present(bytes.clone()));
                     }
                 }
                 Ok(Some(parts))
             }
             Ok(None) => {
-                for identity in &identities {
-                    if !matches!(self.lookup(identity), Some(Entry::Absent)) {
-                        self.insert(identity, &Entry::Absent);
+                for slot in &slots {
+                    if !matches!(self.lookup(slot), Some(Entry::Absent)) {
+                        self.insert(slot, &Entry::Absent);
                     }
                 }
                 Ok(None)
             }
             Err(e) => {
-                let cached: Vec<Option<Entry>> =
-                    identities.iter().map(|i| self.lookup(i)).collect();
+                let cached: Vec<Option<Entry>> = slots.iter().map(|s| self.lookup(s)).collect();
                 if cached.iter().all(|c| matches!(c, Some(Entry::Absent))) {
                     log::warn!("{key}: remote unavailable ({e}); the disk cache says it is absent");
                     return Ok(None);
@@ -404,18 +580,19 @@ fn dir_cost(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The file name of an identity: two independent 64-bit FNV-1a hashes.
-fn entry_name(identity: &str) -> String {
-    let fnv = |basis: u64| {
-        identity.bytes().fold(basis, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    };
-    format!(
-        "{:016x}{:016x}",
-        fnv(0xcbf2_9ce4_8422_2325),
-        fnv(0x6c62_272e_07bb_0142)
-    )
+const FNV_A: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_B: u64 = 0x6c62_272e_07bb_0142;
+
+/// 64-bit FNV-1a of `text` from `basis`.
+fn fnv64(text: &str, basis: u64) -> u64 {
+    text.bytes().fold(basis, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A file name for `text`: two independent 64-bit FNV-1a hashes.
+fn hash_name(text: &str) -> String {
+    format!("{:016x}{:016x}", fnv64(text, FNV_A), fnv64(text, FNV_B))
 }
 
 fn decode_entry(data: &[u8], identity: &str) -> Option<Entry> {
@@ -468,11 +645,17 @@ impl ReadableStorageTraits for DiskCache {
     fn size_key(&self, key: &StoreKey) -> Result<Option<u64>, StorageError> {
         match self.inner.size_key(key) {
             Ok(size) => Ok(size),
-            Err(e) => match self.lookup(&self.identity(key, &ByteRange::FromStart(0, None))) {
-                Some(Entry::Present(b)) => Ok(Some(b.len() as u64)),
-                Some(Entry::Absent) => Ok(None),
-                None => Err(e),
-            },
+            Err(e) => {
+                let version = self.version(key);
+                if version == Version::Unknown {
+                    return Err(e);
+                }
+                match self.lookup(&self.slot(key, &ByteRange::FromStart(0, None), &version)) {
+                    Some(Entry::Present(b)) => Ok(Some(b.len() as u64)),
+                    Some(Entry::Absent) => Ok(None),
+                    None => Err(e),
+                }
+            }
         }
     }
 
@@ -493,6 +676,57 @@ impl ListableStorageTraits for DiskCache {
     }
     fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
         self.inner.size_prefix(prefix)
+    }
+}
+
+impl DiskCache {
+    fn writer(&self) -> Result<&WritableStorage, StorageError> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| StorageError::Unsupported("the store is read-only".into()))
+    }
+}
+
+/// Every write goes to the remote first; then the key gets a new version (whether the write
+/// succeeded or not: a failed request may still have been applied), and a stored object is
+/// cached whole under it.
+impl WritableStorageTraits for DiskCache {
+    fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
+        let result = self.writer()?.set(key, value.clone());
+        let version = self.new_version(key);
+        if result.is_ok() && version != Version::Original {
+            let slot = self.slot(key, &ByteRange::FromStart(0, None), &version);
+            self.insert(&slot, &Entry::Present(value));
+        }
+        result
+    }
+
+    fn set_partial_many(
+        &self,
+        key: &StoreKey,
+        offset_values: OffsetBytesIterator,
+    ) -> Result<(), StorageError> {
+        zarrs::storage::store_set_partial_many(self, key, offset_values)
+    }
+
+    fn erase(&self, key: &StoreKey) -> Result<(), StorageError> {
+        let result = self.writer()?.erase(key);
+        self.new_version(key);
+        result
+    }
+
+    fn erase_prefix(&self, prefix: &StorePrefix) -> Result<(), StorageError> {
+        let writer = self.writer()?;
+        let keys = self.inner.list_prefix(prefix)?;
+        let result = writer.erase_prefix(prefix);
+        for key in &keys {
+            self.new_version(key);
+        }
+        result
+    }
+
+    fn supports_set_partial(&self) -> bool {
+        false
     }
 }
 
@@ -563,6 +797,32 @@ mod tests {
         }
         fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
             self.inner.size_prefix(prefix)
+        }
+    }
+
+    impl WritableStorageTraits for Flaky {
+        fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
+            self.check()?;
+            self.inner.set(key, value)
+        }
+        fn set_partial_many(
+            &self,
+            key: &StoreKey,
+            offset_values: OffsetBytesIterator,
+        ) -> Result<(), StorageError> {
+            self.check()?;
+            self.inner.set_partial_many(key, offset_values)
+        }
+        fn erase(&self, key: &StoreKey) -> Result<(), StorageError> {
+            self.check()?;
+            self.inner.erase(key)
+        }
+        fn erase_prefix(&self, prefix: &StorePrefix) -> Result<(), StorageError> {
+            self.check()?;
+            self.inner.erase_prefix(prefix)
+        }
+        fn supports_set_partial(&self) -> bool {
+            false
         }
     }
 
@@ -677,11 +937,131 @@ mod tests {
         let remote = Flaky::new();
         remote.put("c/0", b"good");
         let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
-        let identity = cache.identity(&key("c/0"), &ByteRange::FromStart(0, None));
-        std::fs::write(cache.entry_path(&identity), b"ZFSC1\ngarbage").unwrap();
+        let slot = cache.slot(
+            &key("c/0"),
+            &ByteRange::FromStart(0, None),
+            &Version::Original,
+        );
+        std::fs::write(cache.objects.join(&slot.name), b"ZFSC1\ngarbage").unwrap();
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"good");
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"good");
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
+    }
+
+    /// Names in `objects/` of the entries of `k` (version record included).
+    fn entries_of(cache: &DiskCache, k: &str) -> Vec<String> {
+        let prefix = format!("{}-", cache.key_name(&key(k)));
+        let mut names: Vec<String> = std::fs::read_dir(&cache.objects)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn writes_replace_cached_copies_in_every_cache_sharing_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Flaky::new();
+        remote.put("a/c/0", &[1u8; 1000]);
+        remote.put("a/c/1", &[2u8; 1000]);
+        let writer = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x")
+            .unwrap()
+            .with_writer(remote.clone());
+        // Another daemon sharing the directory, read-only.
+        let reader = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        assert_eq!(reader.get(&key("a/c/0")).unwrap().unwrap()[0], 1);
+        // Byte ranges cached on their own, as shard reads do.
+        let tail = reader
+            .get_partial(&key("a/c/1"), ByteRange::Suffix(8))
+            .unwrap()
+            .unwrap();
+        assert_eq!(&tail[..], &[2u8; 8]);
+        assert!(
+            reader.set(&key("a/c/0"), Bytes::new()).is_err(),
+            "no writer"
+        );
+
+        writer
+            .set(&key("a/c/1"), Bytes::from(vec![3u8; 500]))
+            .unwrap();
+        writer.erase(&key("a/c/0")).unwrap();
+        let gets = remote.gets.load(Ordering::SeqCst);
+        // The reader sees the new object at once, from the cache (cached whole by the write).
+        let tail = reader
+            .get_partial(&key("a/c/1"), ByteRange::Suffix(8))
+            .unwrap()
+            .unwrap();
+        assert_eq!(&tail[..], &[3u8; 8]);
+        assert_eq!(reader.get(&key("a/c/1")).unwrap().unwrap().len(), 500);
+        assert_eq!(remote.gets.load(Ordering::SeqCst), gets);
+        // The deleted object is gone for both.
+        assert!(reader.get(&key("a/c/0")).unwrap().is_none());
+        assert!(writer.get(&key("a/c/0")).unwrap().is_none());
+        // A remount serves the new version without the remote.
+        drop((writer, reader));
+        remote.down.store(true, Ordering::SeqCst);
+        let again = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        assert_eq!(&again.get(&key("a/c/1")).unwrap().unwrap()[..], &[3u8; 500]);
+        assert!(
+            again.get(&key("a/c/0")).is_err(),
+            "a deleted chunk is not served"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_still_invalidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = Flaky::new();
+        remote.put("c/0", b"old");
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x")
+            .unwrap()
+            .with_writer(remote.clone());
+        assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"old");
+        remote.down.store(true, Ordering::SeqCst);
+        assert!(cache.set(&key("c/0"), Bytes::from_static(b"new")).is_err());
+        // Whether the request was applied is unknown: nothing cached is trusted any more.
+        assert!(cache.get(&key("c/0")).is_err());
+        remote.down.store(false, Ordering::SeqCst);
+        assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"old");
+    }
+
+    #[test]
+    fn evicting_a_version_record_evicts_every_entry_of_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = 128 << 10;
+        let remote = Flaky::new();
+        remote.put("hot/0", &[9u8; 20_000]);
+        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x")
+            .unwrap()
+            .with_writer(remote.clone());
+        // An entry of the original version, then a write: two versions on disk.
+        cache
+            .get_partial(&key("hot/0"), ByteRange::Suffix(100))
+            .unwrap();
+        cache
+            .set(&key("hot/0"), Bytes::from(vec![8u8; 20_000]))
+            .unwrap();
+        assert_eq!(entries_of(&cache, "hot/0").len(), 3);
+        // Fill the cache with other objects until everything of hot/0 is old enough to go.
+        for i in 0..40 {
+            remote.put(&format!("c/{i}"), &vec![i as u8; 20_000]);
+            cache.get(&key(&format!("c/{i}"))).unwrap();
+            let names = entries_of(&cache, "hot/0");
+            let versioned = names.iter().any(|n| n.ends_with(VERSION_SUFFIX));
+            assert!(
+                versioned || names.is_empty(),
+                "entries of hot/0 without their version record: {names:?}"
+            );
+        }
+        assert!(entries_of(&cache, "hot/0").is_empty());
+        let tail = cache
+            .get_partial(&key("hot/0"), ByteRange::Suffix(100))
+            .unwrap()
+            .unwrap();
+        assert_eq!(&tail[..], &[8u8; 100]);
     }
 }

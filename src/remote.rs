@@ -11,6 +11,12 @@
 //! zarrs; v2 `.zmetadata`, served here by [`ConsolidatedV2`]); otherwise S3 is listed, and a
 //! plain HTTP store, which cannot be listed, is refused with a one-line error at mount time.
 //!
+//! Writes (`-o rw`): S3 only. [`RemoteStorage`] is also a zarrs writable storage there, so a
+//! writable mount stores chunks through the same code as a local store: each encoded chunk (or
+//! whole shard) is one PUT, which S3 applies atomically (readers see the old or the new object,
+//! never a mix), and a chunk that is all fill value is a DELETE. Through the disk cache, writes
+//! also replace the cached copies (see [`DiskCache`]). Plain HTTP stores are read-only.
+//!
 //! [`open_url`] is the entry point for the command line when [`url_of`] says STORE is a URL.
 
 use std::collections::{BTreeSet, HashMap};
@@ -19,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
@@ -27,8 +33,9 @@ use object_store::{
 use serde_json::Value;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
-    Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableListableStorage,
+    Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableListableStorage,
     ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
+    WritableStorage, WritableStorageTraits,
 };
 
 use crate::disk_cache::DiskCache;
@@ -129,23 +136,38 @@ pub fn url_of(store: &Path) -> Option<&str> {
     store.to_str().filter(|s| is_url(s))
 }
 
-/// Open a remote store, with the disk cache in front of it when one is configured.
-pub fn open_url(url: &str, settings: &RemoteSettings) -> Result<Store, OpenError> {
+/// Why a writable mount of a plain HTTP store is refused.
+pub const HTTP_READ_ONLY: &str = "writable mounts need S3; plain HTTP stores are read-only";
+
+/// Open a remote store, with the disk cache in front of it when one is configured;
+/// `writable` (S3 only) also prepares every array for storing chunks back.
+pub fn open_url(url: &str, settings: &RemoteSettings, writable: bool) -> Result<Store, OpenError> {
     let url = url.trim_end_matches('/');
     let err = |reason: String| OpenError {
         store: PathBuf::from(url),
         reason,
     };
-    let remote = RemoteStorage::connect(url, settings).map_err(err)?;
+    if writable && matches!(parse_target(url), Ok(Target::Http { .. })) {
+        return Err(err(HTTP_READ_ONLY.into()));
+    }
+    let remote = Arc::new(RemoteStorage::connect(url, settings).map_err(err)?);
     let listable = remote.listable;
-    let mut storage: ReadableListableStorage = Arc::new(remote);
+    let mut write: Option<WritableStorage> = if writable { Some(remote.clone()) } else { None };
+    let mut storage: ReadableListableStorage = remote;
     if let Some(dir) = &settings.disk_cache {
-        let cache = DiskCache::open(storage, dir, settings.disk_cache_bytes, url)
+        let mut cache = DiskCache::open(storage, dir, settings.disk_cache_bytes, url)
             .map_err(|e| err(format!("disk cache {}: {e}", dir.display())))?;
-        storage = Arc::new(cache);
+        if let Some(remote) = write.take() {
+            cache = cache.with_writer(remote);
+        }
+        let cache = Arc::new(cache);
+        if writable {
+            write = Some(cache.clone());
+        }
+        storage = cache;
     }
     let storage = with_consolidated_metadata(storage, listable).map_err(err)?;
-    Store::open_storage(storage, None, Path::new(url), None)
+    Store::open_storage(storage, write, Path::new(url), None)
 }
 
 const NO_LISTING: &str = "cannot list a plain HTTP store; write consolidated metadata \
@@ -199,11 +221,11 @@ fn one_line(s: &str) -> String {
 // object_store behind a synchronous zarrs storage
 // ------------------------------------------------------------------------------------------
 
-/// A remote object store as a synchronous, read-only zarrs storage.
+/// A remote object store as a synchronous zarrs storage: readable, and writable on S3.
 pub struct RemoteStorage {
     store: Arc<dyn ObjectStore>,
     runtime: Arc<tokio::runtime::Runtime>,
-    /// S3 can list; plain HTTP cannot.
+    /// S3 can list (and be written); plain HTTP cannot.
     pub listable: bool,
 }
 
@@ -464,6 +486,65 @@ impl ListableStorageTraits for RemoteStorage {
     }
 }
 
+/// S3 only (`open_url` refuses writable HTTP mounts): one PUT per object, atomic by nature;
+/// a DELETE of a missing object is not an error.
+impl WritableStorageTraits for RemoteStorage {
+    fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
+        self.check_writable()?;
+        let path = ObjectPath::from(key.as_str());
+        self.block_on(self.store.put(&path, value.into()))
+            .map(|_| ())
+            .map_err(|e| Self::error(key.as_str(), e))
+    }
+
+    fn set_partial_many(
+        &self,
+        key: &StoreKey,
+        offset_values: OffsetBytesIterator,
+    ) -> Result<(), StorageError> {
+        zarrs::storage::store_set_partial_many(self, key, offset_values)
+    }
+
+    fn erase(&self, key: &StoreKey) -> Result<(), StorageError> {
+        self.check_writable()?;
+        match self.block_on(self.store.delete(&ObjectPath::from(key.as_str()))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Self::error(key.as_str(), e)),
+        }
+    }
+
+    fn erase_prefix(&self, prefix: &StorePrefix) -> Result<(), StorageError> {
+        self.check_writable()?;
+        let keys = self.list_keys(prefix)?;
+        let store = self.store.as_ref();
+        self.block_on(
+            futures::stream::iter(keys.iter().map(|(key, _)| async move {
+                match store.delete(&ObjectPath::from(key.as_str())).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(Self::error(key.as_str(), e)),
+                }
+            }))
+            .buffer_unordered(16)
+            .try_collect::<Vec<()>>(),
+        )
+        .map(|_| ())
+    }
+
+    fn supports_set_partial(&self) -> bool {
+        false
+    }
+}
+
+impl RemoteStorage {
+    fn check_writable(&self) -> Result<(), StorageError> {
+        if self.listable {
+            Ok(())
+        } else {
+            Err(StorageError::Unsupported(HTTP_READ_ONLY.into()))
+        }
+    }
+}
+
 /// Settings from the shared AWS files (`~/.aws/credentials`, `~/.aws/config`, or the files
 /// named by `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`), for the profile named by
 /// `AWS_PROFILE` (default `default`): keys, session token, region and endpoint URL.
@@ -703,6 +784,22 @@ mod tests {
             Target::Http {
                 url: "http://h:1/x.zarr".into()
             }
+        );
+    }
+
+    #[test]
+    fn writable_http_is_refused_before_any_request() {
+        // Port 9 (discard) on loopback: nothing is asked of it.
+        let e = open_url(
+            "http://127.0.0.1:9/x.zarr/",
+            &RemoteSettings::default(),
+            true,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("http://127.0.0.1:9/x.zarr: {HTTP_READ_ONLY}")
         );
     }
 
