@@ -117,6 +117,11 @@ struct Handle {
     last_end: u64,
     /// First stripe (row of chunks along axis 0) not yet handed to the prefetcher.
     next_stripe: u64,
+    /// Stripe of the previous read, and how many stripe boundaries this scan has crossed:
+    /// the prefetch window grows with it, so a reader of a short slice (one worker's share of
+    /// an array) does not set off decodes far past its end.
+    stripe: u64,
+    crossed: u64,
 }
 
 /// A read continues a scan when it starts at most this far past the scan's furthest end. Zero:
@@ -333,7 +338,7 @@ impl ZarrFs {
         // The part of the request that falls in the array's data.
         let data_start = offset.max(header_len) - header_len;
         let data_end = end.saturating_sub(header_len);
-        if let Some(fh) = fh {
+        if let Some(fh) = fh.filter(|_| data_end > data_start) {
             self.note_read_and_prefetch(fh, index, data_start, data_end);
         }
         let pieces = array.layout.pieces(data_start, data_end.saturating_sub(data_start));
@@ -416,8 +421,9 @@ impl ZarrFs {
 
     /// Sequential-read detection: while a handle reads a scan, keep the decode pool working on
     /// the stripes ahead of it (and on the rest of the current one), each stripe handed over
-    /// once. How far ahead is fixed at mount time so that the stripes being read and decoded
-    /// fit the cache together: a full scan then decodes each chunk exactly once.
+    /// once. The window starts at one stripe and grows by one per stripe read, up to a depth
+    /// fixed at mount time so that the stripes being read and decoded fit the cache together:
+    /// a full scan then decodes each chunk exactly once.
     fn note_read_and_prefetch(&self, fh: u64, array: usize, start: u64, end: u64) {
         let a = &self.arrays[array];
         if a.prefetch_stripes == 0 || a.chunk_row_bytes == 0 {
@@ -431,13 +437,18 @@ impl ZarrFs {
                 0 => start == 0,
                 last => start <= last + SEQUENTIAL_GAP && start + SEQUENTIAL_BACK >= last,
             };
+            let current = start / a.chunk_row_bytes;
             if !sequential {
-                h.last_end = end;
+                *h = Handle { last_end: end, next_stripe: 0, stripe: current, crossed: 0 };
                 return;
             }
             h.last_end = h.last_end.max(end);
-            let current = start / a.chunk_row_bytes;
-            let last = (current + a.prefetch_stripes).min(a.layout.file_size().saturating_sub(1) / a.chunk_row_bytes);
+            if current > h.stripe {
+                h.crossed += current - h.stripe;
+                h.stripe = current;
+            }
+            let ahead = a.prefetch_stripes.min(1 + h.crossed);
+            let last = (current + ahead).min(a.layout.file_size().saturating_sub(1) / a.chunk_row_bytes);
             let first = h.next_stripe.max(current);
             h.next_stripe = h.next_stripe.max(last + 1);
             first..=last
@@ -886,6 +897,36 @@ mod tests {
         let decodes = src.decodes.lock().unwrap().clone();
         assert!(decodes.keys().all(|c| c[1] == 1), "only the column's chunks: {:?}", decodes.keys());
         assert_eq!(decodes.len(), 4);
+    }
+
+    /// A worker reading its own short slice of rows, and `np.load` reading the `.npy` header,
+    /// do not set off decodes far beyond what they read.
+    #[test]
+    fn short_slices_and_header_reads_prefetch_little() {
+        let (fs, src) = mount([256, 64], [4, 64], 1 << 20);
+        assert_eq!(fs.arrays[0].prefetch_stripes, 4);
+        let npy = file(&fs, "a.npy");
+        let fh = fs.open(npy, false).unwrap();
+        fs.read(npy, Some(fh), 0, 64).unwrap(); // header only
+        assert_eq!(claimed(&fs), 0, "a header read decodes nothing");
+
+        let ino = file(&fs, "a");
+        let fh = fs.open(ino, false).unwrap();
+        let row = 64 * 2;
+        for r in (100..116).step_by(2) {
+            fs.read(ino, Some(fh), r * row, 2 * row as u32).unwrap();
+        }
+        let decoded = claimed(&fs);
+        assert!((4..=8).contains(&decoded), "read 4 chunks, decoded {decoded}");
+        assert!(src.total.load(Ordering::SeqCst) <= 8);
+    }
+
+    /// Chunks decoded or being decoded (prefetches claim synchronously, decode later).
+    fn claimed(fs: &ZarrFs) -> usize {
+        let a = &fs.arrays[0];
+        (0..a.layout.chunk_count())
+            .filter(|&i| fs.cache.is_present_or_loading(chunk_key(0, a, &a.layout.chunk_from_linear(i))))
+            .count()
     }
 
     #[test]
