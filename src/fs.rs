@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -94,20 +93,10 @@ struct MountedArray {
     npy_ino: Ino,
 }
 
-/// Bytes to hand back to a reader: a slice of one cached chunk when a read falls inside one
-/// piece (no copy), else a buffer assembled from several.
-pub enum ReadBuf {
-    Owned(Vec<u8>),
-    Shared(Chunk, Range<usize>),
-}
-
-impl ReadBuf {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            ReadBuf::Owned(v) => v,
-            ReadBuf::Shared(c, r) => &c[r.clone()],
-        }
-    }
+thread_local! {
+    /// Where a read that spans several pieces is assembled: one buffer per FUSE thread, reused,
+    /// because a fresh megabyte per request costs page faults on every read of a scan.
+    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Per-open-file state of the sequential-read detector.
@@ -321,8 +310,17 @@ impl ZarrFs {
         self.handles.lock().unwrap().remove(&fh);
     }
 
-    /// Read `size` bytes at `offset` of a file (short at end of file, empty past it).
-    pub fn read(&self, ino: Ino, fh: Option<u64>, offset: u64, size: u32) -> Result<ReadBuf, Errno> {
+    /// Read `size` bytes at `offset` of a file (short at end of file, empty past it) and hand
+    /// them to `reply`: a slice of a cached chunk when the read falls inside one piece (no
+    /// copy), else a buffer assembled from several.
+    pub fn read_with<R>(
+        &self,
+        ino: Ino,
+        fh: Option<u64>,
+        offset: u64,
+        size: u32,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, Errno> {
         let (index, header): (usize, &[u8]) = match self.node(ino)?.kind {
             NodeKind::Data(a) => (a, &[]),
             NodeKind::Npy(a) => (a, &self.arrays[a].npy_header),
@@ -332,7 +330,7 @@ impl ZarrFs {
         let file_size = header.len() as u64 + array.layout.file_size();
         let end = offset.saturating_add(size as u64).min(file_size);
         if offset >= end {
-            return Ok(ReadBuf::Owned(Vec::new()));
+            return Ok(reply(&[]));
         }
         let header_len = header.len() as u64;
         // The part of the request that falls in the array's data.
@@ -360,23 +358,31 @@ impl ZarrFs {
         if !head && pieces.len() == 1 {
             let p = &pieces[0];
             let start = p.chunk_offset as usize;
-            return Ok(ReadBuf::Shared(chunks[0].clone(), start..start + p.len as usize));
+            return Ok(reply(&chunks[0][start..start + p.len as usize]));
         }
-        let mut out = vec![0u8; (end - offset) as usize];
-        let data_out = if head {
-            let n = (header_len.min(end) - offset) as usize;
-            out[..n].copy_from_slice(&header[offset as usize..offset as usize + n]);
-            n
-        } else {
-            0
-        };
-        for (p, slot) in pieces.iter().zip(slots) {
-            let chunk = &chunks[slot];
-            let dst = data_out + p.out_offset as usize;
-            let src = p.chunk_offset as usize;
-            out[dst..dst + p.len as usize].copy_from_slice(&chunk[src..src + p.len as usize]);
-        }
-        Ok(ReadBuf::Owned(out))
+        let len = (end - offset) as usize;
+        Ok(ASSEMBLY.with_borrow_mut(|buffer| {
+            if buffer.len() < len {
+                buffer.resize(len, 0);
+            }
+            // Every byte of out is written below: the header part, then the pieces, which
+            // cover the data part exactly.
+            let out = &mut buffer[..len];
+            let data_out = if head {
+                let n = (header_len.min(end) - offset) as usize;
+                out[..n].copy_from_slice(&header[offset as usize..offset as usize + n]);
+                n
+            } else {
+                0
+            };
+            for (p, slot) in pieces.iter().zip(slots) {
+                let chunk = &chunks[slot];
+                let dst = data_out + p.out_offset as usize;
+                let src = p.chunk_offset as usize;
+                out[dst..dst + p.len as usize].copy_from_slice(&chunk[src..src + p.len as usize]);
+            }
+            reply(out)
+        }))
     }
 
     /// Each distinct chunk — dirty, cached, or decoded now. Missing chunks are claimed and
@@ -803,6 +809,12 @@ mod tests {
         (ZarrFs::new(vec![], vec![array], "root", options).unwrap(), source)
     }
 
+    impl ZarrFs {
+        fn read(&self, ino: Ino, fh: Option<u64>, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+            self.read_with(ino, fh, offset, size, |b| b.to_vec())
+        }
+    }
+
     fn file(fs: &ZarrFs, name: &str) -> Ino {
         let grp = fs.lookup(ROOT_INO, OsStr::new("grp")).unwrap().ino;
         fs.lookup(grp, OsStr::new(name)).unwrap().ino
@@ -831,14 +843,14 @@ mod tests {
         for (offset, len) in [(0, 1200), (1, 3), (37, 500), (1199, 10), (1100, 4096), (1200, 5)] {
             let got = fs.read(ino, None, offset, len).unwrap();
             let end = (offset as usize + len as usize).min(expected.len());
-            assert_eq!(got.as_slice(), &expected[(offset as usize).min(end)..end], "offset {offset} len {len}");
+            assert_eq!(got, &expected[(offset as usize).min(end)..end], "offset {offset} len {len}");
         }
         let npy = file(&fs, "a.npy");
         let header = fs.getxattr(npy, OsStr::new("user.npy.data_offset")).unwrap();
         let header: u64 = String::from_utf8(header).unwrap().parse().unwrap();
         let whole = fs.read(npy, None, 0, 1 << 20).unwrap();
-        assert_eq!(&whole.as_slice()[..6], b"\x93NUMPY");
-        assert_eq!(&whole.as_slice()[header as usize..], &expected[..]);
+        assert_eq!(&whole[..6], b"\x93NUMPY");
+        assert_eq!(&whole[header as usize..], &expected[..]);
     }
 
     #[test]
@@ -849,7 +861,7 @@ mod tests {
         let threads: Vec<_> = (0..8)
             .map(|i| {
                 let fs = fs.clone();
-                std::thread::spawn(move || fs.read(ino, None, i * 100, 64).unwrap().as_slice().to_vec())
+                std::thread::spawn(move || fs.read(ino, None, i * 100, 64).unwrap())
             })
             .collect();
         for t in threads {
@@ -872,7 +884,7 @@ mod tests {
         let mut offset = 0;
         while offset < expected.len() as u64 {
             let got = fs.read(ino, Some(fh), offset, 1000).unwrap();
-            assert_eq!(got.as_slice(), &expected[offset as usize..(offset as usize + 1000).min(expected.len())]);
+            assert_eq!(got, &expected[offset as usize..(offset as usize + 1000).min(expected.len())]);
             assert!(fs.stats().cached_bytes <= 2 * stripe);
             offset += 1000;
         }
@@ -892,7 +904,7 @@ mod tests {
         for r in 0..64u64 {
             let offset = (r * cols + 40_000) * 2;
             let got = fs.read(ino, Some(fh), offset, 2).unwrap();
-            assert_eq!(got.as_slice(), src.value(r, 40_000).to_ne_bytes());
+            assert_eq!(got, src.value(r, 40_000).to_ne_bytes());
         }
         let decodes = src.decodes.lock().unwrap().clone();
         assert!(decodes.keys().all(|c| c[1] == 1), "only the column's chunks: {:?}", decodes.keys());

@@ -106,9 +106,14 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, Some(fh.0), offset, size) {
-            Ok(buf) => reply.data(buf.as_slice()),
-            Err(e) => reply.error(errno(e)),
+        let mut reply = Some(reply);
+        let result = self.fs.read_with(ino.0, Some(fh.0), offset, size, |bytes| {
+            if let Some(reply) = reply.take() {
+                reply.data(bytes);
+            }
+        });
+        if let (Err(e), Some(reply)) = (result, reply.take()) {
+            reply.error(errno(e));
         }
     }
 
