@@ -63,6 +63,15 @@ pub struct Flight {
     superseded: AtomicBool,
 }
 
+/// Takes a decode's bytes off the in-progress count when dropped.
+struct Decoding<'a>(&'a AtomicU64, u64);
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::SeqCst);
+    }
+}
+
 impl Flight {
     /// Block until the leader has a result.
     pub fn wait(&self) -> Result<Chunk, DecodeError> {
@@ -85,6 +94,9 @@ pub struct ChunkCache {
     /// Bytes held outside the cache that count against its budget (dirty chunks of a writable
     /// mount), so clean chunks are evicted to make room for them.
     reserved: AtomicU64,
+    /// Bytes of chunks being decoded right now, made room for before each decode starts, so
+    /// that cached plus in-progress chunks stay within the budget.
+    decoding: AtomicU64,
     inner: Mutex<Inner>,
     pub stats: CacheStats,
 }
@@ -94,6 +106,7 @@ impl ChunkCache {
         ChunkCache {
             budget,
             reserved: AtomicU64::new(0),
+            decoding: AtomicU64::new(0),
             inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, in_flight: HashMap::new() }),
             stats: CacheStats::default(),
         }
@@ -160,18 +173,26 @@ impl ChunkCache {
         match self.claim(key) {
             Claim::Hit(chunk) => Ok(chunk),
             Claim::Wait(flight) => flight.wait(),
-            Claim::Lead(flight) => self.lead(key, &flight, load),
+            Claim::Lead(flight) => self.lead(key, &flight, 0, load),
         }
     }
 
-    /// Run the decode of a claimed chunk, cache its result and wake its waiters.
+    /// Run the decode of a claimed chunk, cache its result and wake its waiters. `expected`
+    /// bytes (the decoded size) are made room for before the decode starts.
     pub fn lead(
         &self,
         key: ChunkKey,
         flight: &Flight,
+        expected: u64,
         load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
     ) -> Result<Chunk, DecodeError> {
-        self.load_as_leader(key, flight, load)
+        self.decoding.fetch_add(expected, Ordering::SeqCst);
+        self.evict_to_fit(&mut self.inner.lock().unwrap(), 0);
+        self.load_as_leader(key, flight, || {
+            // Counted as decoding until the decode ends, however it ends (a codec may panic).
+            let _counted = Decoding(&self.decoding, expected);
+            load()
+        })
     }
 
     fn load_as_leader(
@@ -225,7 +246,8 @@ impl ChunkCache {
     /// Evict least recently used chunks until `extra` more bytes fit beside the reserved ones;
     /// false when they cannot fit even in an empty cache.
     fn evict_to_fit(&self, inner: &mut Inner, extra: u64) -> bool {
-        let limit = self.budget.saturating_sub(self.reserved.load(Ordering::Relaxed));
+        let outside = self.reserved.load(Ordering::Relaxed) + self.decoding.load(Ordering::Relaxed);
+        let limit = self.budget.saturating_sub(outside);
         if extra > limit {
             return false;
         }
@@ -314,6 +336,25 @@ mod tests {
         let r = cache.get_or_load((0, 0), || panic!("codec bug"));
         assert!(r.is_err());
         assert!(!cache.is_present_or_loading((0, 0)));
+        let Claim::Lead(flight) = cache.claim((0, 1)) else { panic!("nothing cached yet") };
+        assert!(cache.lead((0, 1), &flight, 60, || panic!("codec bug")).is_err());
+        cache.get_or_load((0, 2), || chunk(100, 0)).unwrap();
+        assert_eq!(cache.snapshot().cached_bytes, 100, "the panicked decode no longer holds room");
+    }
+
+    #[test]
+    fn room_is_made_for_a_decode_before_it_starts() {
+        let cache = ChunkCache::new(30);
+        for i in 0..3 {
+            cache.get_or_load((0, i), || chunk(10, 0)).unwrap();
+        }
+        let Claim::Lead(flight) = cache.claim((0, 9)) else { panic!("not cached") };
+        let seen = cache.lead((0, 9), &flight, 10, || {
+            assert!(cache.snapshot().cached_bytes <= 20, "evicted before decoding");
+            chunk(10, 1)
+        });
+        assert!(seen.is_ok());
+        assert!(cache.snapshot().cached_bytes <= 30);
     }
 
     #[test]

@@ -720,7 +720,7 @@ fn load_chunk(cache: &ChunkCache, array: usize, a: &MountedArray, chunk: &[u64])
 /// Decode a claimed chunk, checking its size, and log a failure once (its readers get EIO).
 fn lead_decode(cache: &ChunkCache, a: &MountedArray, chunk: &[u64], key: ChunkKey, flight: &Flight) -> Result<Chunk, DecodeError> {
     cache
-        .lead(key, flight, || {
+        .lead(key, flight, a.layout.chunk_bytes(), || {
             let bytes = a.decoder.decode(chunk)?;
             if bytes.len() as u64 != a.layout.chunk_bytes() {
                 return Err(DecodeError {
