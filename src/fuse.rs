@@ -107,10 +107,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let mut reply = Some(reply);
-        let result = self.fs.read_with(ino.0, Some(fh.0), offset, size, |bytes| {
-            if let Some(reply) = reply.take() {
-                reply.data(bytes);
-            }
+        let result = guarded("read", || {
+            self.fs.read_with(ino.0, Some(fh.0), offset, size, |bytes| {
+                if let Some(reply) = reply.take() {
+                    reply.data(bytes);
+                }
+            })
         });
         if let (Err(e), Some(reply)) = (result, reply.take()) {
             reply.error(errno(e));
@@ -150,7 +152,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        match guarded("write", || self.fs.write(ino.0, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -158,13 +160,13 @@ impl Filesystem for FuseAdapter {
 
     /// Called at every close(2): written chunks are stored before close returns.
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        empty_reply(self.fs.flush_file(Some(ino.0)), reply);
+        empty_reply(guarded("flush", || self.fs.flush_file(Some(ino.0))), reply);
     }
 
     /// fsync/fdatasync, and msync(MS_SYNC) (which `np.memmap.flush()` uses) after the kernel
     /// has written the dirty pages to us.
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        empty_reply(self.fs.flush_file(Some(ino.0)), reply);
+        empty_reply(guarded("fsync", || self.fs.flush_file(Some(ino.0))), reply);
     }
 
     fn setattr(
@@ -302,6 +304,15 @@ impl Filesystem for FuseAdapter {
             Err(e) => reply.error(errno(e)),
         }
     }
+}
+
+/// Run a request's work so that a bug that panics fails that request with EIO instead of
+/// taking a request thread (and eventually the mount) down with it.
+fn guarded<T>(op: &str, work: impl FnOnce() -> Result<T, i32>) -> Result<T, i32> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        log::error!("{op}: internal error (panic); answered EIO");
+        Err(libc::EIO)
+    })
 }
 
 fn empty_reply(result: Result<(), i32>, reply: ReplyEmpty) {
