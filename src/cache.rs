@@ -136,6 +136,11 @@ impl ChunkCache {
         self.insert(&mut inner, key, chunk);
     }
 
+    /// Mark a cached chunk as just used, so that it is evicted last.
+    pub fn touch(&self, key: ChunkKey) {
+        self.inner.lock().unwrap().lru.promote(&key);
+    }
+
     /// True when the chunk is cached or being decoded: the prefetcher skips it.
     pub fn is_present_or_loading(&self, key: ChunkKey) -> bool {
         let inner = self.inner.lock().unwrap();
@@ -165,15 +170,17 @@ impl ChunkCache {
     /// The chunk, from the cache or by running `load` — at most one `load` per key at a time;
     /// concurrent callers for the same key share its result. Errors are not cached: a later
     /// read tries again (the chunk may have been repaired).
+    /// `expected` is the decoded size, made room for before decoding (see [`lead`](Self::lead)).
     pub fn get_or_load(
         &self,
         key: ChunkKey,
+        expected: u64,
         load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
     ) -> Result<Chunk, DecodeError> {
         match self.claim(key) {
             Claim::Hit(chunk) => Ok(chunk),
             Claim::Wait(flight) => flight.wait(),
-            Claim::Lead(flight) => self.lead(key, &flight, 0, load),
+            Claim::Lead(flight) => self.lead(key, &flight, expected, load),
         }
     }
 
@@ -293,8 +300,8 @@ mod tests {
     #[test]
     fn hit_after_load() {
         let cache = ChunkCache::new(100);
-        assert_eq!(*cache.get_or_load((0, 1), || chunk(10, 7)).unwrap(), vec![7; 10]);
-        let again = cache.get_or_load((0, 1), || panic!("must not decode twice")).unwrap();
+        assert_eq!(*cache.get_or_load((0, 1), 0, || chunk(10, 7)).unwrap(), vec![7; 10]);
+        let again = cache.get_or_load((0, 1), 0, || panic!("must not decode twice")).unwrap();
         assert_eq!(again.len(), 10);
         let s = cache.snapshot();
         assert_eq!((s.decodes, s.hits, s.misses, s.cached_bytes), (1, 1, 1, 10));
@@ -304,10 +311,10 @@ mod tests {
     fn evicts_least_recently_used_to_stay_within_budget() {
         let cache = ChunkCache::new(30);
         for i in 0..3 {
-            cache.get_or_load((0, i), || chunk(10, i as u8)).unwrap();
+            cache.get_or_load((0, i), 0, || chunk(10, i as u8)).unwrap();
         }
-        cache.get_or_load((0, 0), || unreachable!()).unwrap(); // 0 is now most recent
-        cache.get_or_load((0, 3), || chunk(10, 3)).unwrap(); // evicts 1
+        cache.get_or_load((0, 0), 0, || unreachable!()).unwrap(); // 0 is now most recent
+        cache.get_or_load((0, 3), 0, || chunk(10, 3)).unwrap(); // evicts 1
         assert!(cache.is_present_or_loading((0, 0)));
         assert!(!cache.is_present_or_loading((0, 1)));
         assert!(cache.snapshot().cached_bytes <= 30);
@@ -317,7 +324,7 @@ mod tests {
     #[test]
     fn chunk_larger_than_budget_is_served_but_not_held() {
         let cache = ChunkCache::new(5);
-        assert_eq!(cache.get_or_load((1, 0), || chunk(10, 1)).unwrap().len(), 10);
+        assert_eq!(cache.get_or_load((1, 0), 0, || chunk(10, 1)).unwrap().len(), 10);
         assert_eq!(cache.snapshot().cached_bytes, 0);
     }
 
@@ -325,20 +332,20 @@ mod tests {
     fn errors_are_shared_but_not_cached() {
         let cache = ChunkCache::new(100);
         let bad = || Err(DecodeError { key: "c/0".into(), reason: "corrupt".into() });
-        assert!(cache.get_or_load((0, 0), bad).is_err());
-        assert!(cache.get_or_load((0, 0), || chunk(4, 1)).is_ok());
+        assert!(cache.get_or_load((0, 0), 0, bad).is_err());
+        assert!(cache.get_or_load((0, 0), 0, || chunk(4, 1)).is_ok());
         assert_eq!(cache.snapshot().decode_errors, 1);
     }
 
     #[test]
     fn panicking_decoder_becomes_an_error() {
         let cache = ChunkCache::new(100);
-        let r = cache.get_or_load((0, 0), || panic!("codec bug"));
+        let r = cache.get_or_load((0, 0), 0, || panic!("codec bug"));
         assert!(r.is_err());
         assert!(!cache.is_present_or_loading((0, 0)));
         let Claim::Lead(flight) = cache.claim((0, 1)) else { panic!("nothing cached yet") };
         assert!(cache.lead((0, 1), &flight, 60, || panic!("codec bug")).is_err());
-        cache.get_or_load((0, 2), || chunk(100, 0)).unwrap();
+        cache.get_or_load((0, 2), 0, || chunk(100, 0)).unwrap();
         assert_eq!(cache.snapshot().cached_bytes, 100, "the panicked decode no longer holds room");
     }
 
@@ -346,7 +353,7 @@ mod tests {
     fn room_is_made_for_a_decode_before_it_starts() {
         let cache = ChunkCache::new(30);
         for i in 0..3 {
-            cache.get_or_load((0, i), || chunk(10, 0)).unwrap();
+            cache.get_or_load((0, i), 0, || chunk(10, 0)).unwrap();
         }
         let Claim::Lead(flight) = cache.claim((0, 9)) else { panic!("not cached") };
         let seen = cache.lead((0, 9), &flight, 10, || {
@@ -362,12 +369,12 @@ mod tests {
         let cache = Arc::new(ChunkCache::new(100));
         let c2 = cache.clone();
         // The "old" decode is running when the write-back replaces the chunk.
-        let old = cache.get_or_load((0, 0), move || {
+        let old = cache.get_or_load((0, 0), 0, move || {
             c2.replace((0, 0), Arc::new(vec![2; 4]));
             chunk(4, 1)
         });
         assert_eq!(*old.unwrap(), vec![1; 4]); // its own reader gets what it decoded
-        let now = cache.get_or_load((0, 0), || unreachable!("replaced contents are cached")).unwrap();
+        let now = cache.get_or_load((0, 0), 0, || unreachable!("replaced contents are cached")).unwrap();
         assert_eq!(*now, vec![2; 4]);
     }
 
@@ -375,11 +382,11 @@ mod tests {
     fn reserved_bytes_shrink_the_room_for_clean_chunks() {
         let cache = ChunkCache::new(40);
         for i in 0..4 {
-            cache.get_or_load((0, i), || chunk(10, 0)).unwrap();
+            cache.get_or_load((0, i), 0, || chunk(10, 0)).unwrap();
         }
         cache.set_reserved(25);
         assert!(cache.snapshot().cached_bytes <= 15);
-        cache.get_or_load((0, 9), || chunk(10, 0)).unwrap();
+        cache.get_or_load((0, 9), 0, || chunk(10, 0)).unwrap();
         assert!(cache.snapshot().cached_bytes <= 15);
     }
 
@@ -395,7 +402,7 @@ mod tests {
                 std::thread::spawn(move || {
                     barrier.wait();
                     cache
-                        .get_or_load((0, 42), || {
+                        .get_or_load((0, 42), 0, || {
                             loads.fetch_add(1, Ordering::SeqCst);
                             // Finish only once every reader has missed and is therefore
                             // waiting on this flight: the single-flight path is exercised.

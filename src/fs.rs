@@ -449,7 +449,8 @@ impl ZarrFs {
                 return;
             }
             h.last_end = h.last_end.max(end);
-            if current > h.stripe {
+            let entered = current > h.stripe;
+            if entered {
                 h.crossed += current - h.stripe;
                 h.stripe = current;
             }
@@ -457,8 +458,17 @@ impl ZarrFs {
             let last = (current + ahead).min(a.layout.file_size().saturating_sub(1) / a.chunk_row_bytes);
             let first = h.next_stripe.max(current);
             h.next_stripe = h.next_stripe.max(last + 1);
-            first..=last
+            (entered.then_some(current..=last), first..=last)
         };
+        let (entered, stripes) = stripes;
+        // The stripes ahead were decoded before the reader last used the stripe it just left:
+        // mark them used now, nearest first, so that making room for the next one evicts the
+        // stripe left behind rather than one still to be read.
+        for stripe in entered.into_iter().flatten() {
+            for chunk in a.layout.chunks_touched(stripe * a.chunk_row_bytes, a.chunk_row_bytes) {
+                self.cache.touch(chunk_key(array, a, &chunk));
+            }
+        }
         for stripe in stripes {
             for chunk in a.layout.chunks_touched(stripe * a.chunk_row_bytes, a.chunk_row_bytes) {
                 let key = chunk_key(array, a, &chunk);
@@ -710,25 +720,25 @@ fn chunk_key(array: usize, a: &MountedArray, chunk: &[u64]) -> ChunkKey {
 /// ask at once).
 fn load_chunk(cache: &ChunkCache, array: usize, a: &MountedArray, chunk: &[u64]) -> Result<Chunk, Errno> {
     let key = chunk_key(array, a, chunk);
-    match cache.claim(key) {
-        Claim::Hit(chunk) => Ok(chunk),
-        Claim::Wait(flight) => flight.wait().map_err(|_| libc::EIO),
-        Claim::Lead(flight) => lead_decode(cache, a, chunk, key, &flight).map_err(|_| libc::EIO),
-    }
+    cache.get_or_load(key, a.layout.chunk_bytes(), || decode_checked(a, chunk)).map_err(|_| libc::EIO)
 }
 
-/// Decode a claimed chunk, checking its size, and log a failure once (its readers get EIO).
+/// Decode a chunk this caller has claimed (see [`ChunkCache::claim`]).
 fn lead_decode(cache: &ChunkCache, a: &MountedArray, chunk: &[u64], key: ChunkKey, flight: &Flight) -> Result<Chunk, DecodeError> {
-    cache
-        .lead(key, flight, a.layout.chunk_bytes(), || {
-            let bytes = a.decoder.decode(chunk)?;
-            if bytes.len() as u64 != a.layout.chunk_bytes() {
-                return Err(DecodeError {
-                    key: format!("{chunk:?}"),
-                    reason: format!("decoded {} bytes, expected {}", bytes.len(), a.layout.chunk_bytes()),
-                });
-            }
-            Ok(bytes)
+    cache.lead(key, flight, a.layout.chunk_bytes(), || decode_checked(a, chunk))
+}
+
+/// Decode a chunk and check its size; a failure is logged here, once, by the one decode that
+/// all readers of the chunk share (each of them gets EIO).
+fn decode_checked(a: &MountedArray, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
+    a.decoder
+        .decode(chunk)
+        .and_then(|bytes| match bytes.len() as u64 == a.layout.chunk_bytes() {
+            true => Ok(bytes),
+            false => Err(DecodeError {
+                key: format!("{chunk:?}"),
+                reason: format!("decoded {} bytes, expected {}", bytes.len(), a.layout.chunk_bytes()),
+            }),
         })
         .inspect_err(|e| log::error!("{}: {e}", a.info.path))
 }
@@ -890,6 +900,25 @@ mod tests {
         }
         let decodes = src.decodes.lock().unwrap().clone();
         assert_eq!(decodes.len(), 16 * 3, "every chunk decoded");
+        assert!(decodes.values().all(|n| *n == 1), "no chunk decoded twice: {decodes:?}");
+    }
+
+    /// The same with a deep prefetch window (one chunk per stripe, several stripes ahead).
+    #[test]
+    fn deep_prefetch_scan_decodes_each_chunk_once_within_budget() {
+        let chunk_bytes = 4 * 64 * 2;
+        let (fs, src) = mount([256, 64], [4, 64], 5 * chunk_bytes);
+        assert_eq!(fs.arrays[0].prefetch_stripes, 4);
+        let ino = file(&fs, "a");
+        let fh = fs.open(ino, false).unwrap();
+        let expected = src.expected();
+        for offset in (0..expected.len() as u64).step_by(300) {
+            let got = fs.read(ino, Some(fh), offset, 300).unwrap();
+            assert_eq!(got, &expected[offset as usize..(offset as usize + 300).min(expected.len())]);
+            assert!(fs.stats().cached_bytes <= 5 * chunk_bytes);
+        }
+        let decodes = src.decodes.lock().unwrap().clone();
+        assert_eq!(decodes.len(), 64);
         assert!(decodes.values().all(|n| *n == 1), "no chunk decoded twice: {decodes:?}");
     }
 
