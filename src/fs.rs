@@ -455,7 +455,12 @@ impl ZarrFs {
                 h.stripe = current;
             }
             let ahead = a.prefetch_stripes.min(1 + h.crossed);
-            let last = (current + ahead).min(a.layout.file_size().saturating_sub(1) / a.chunk_row_bytes);
+            // The furthest stripe is handed over only once the reader is half way through the
+            // current one: by then the stripe before it is done with (readahead may deliver a
+            // scan's reads out of order, but not half a stripe late), so decoding the new
+            // stripe can evict it without evicting anything still to be read.
+            let reach = if 2 * (start % a.chunk_row_bytes) >= a.chunk_row_bytes { ahead } else { ahead - 1 };
+            let last = (current + reach).min(a.layout.file_size().saturating_sub(1) / a.chunk_row_bytes);
             let first = h.next_stripe.max(current);
             h.next_stripe = h.next_stripe.max(last + 1);
             (entered.then_some(current..=last), first..=last)
@@ -744,11 +749,12 @@ fn decode_checked(a: &MountedArray, chunk: &[u64]) -> Result<Vec<u8>, DecodeErro
 }
 
 /// Stripes to decode ahead of a sequential reader: enough chunks to keep every decode thread
-/// busy twice over, but never more than fit in the cache beside the stripe being read.
+/// busy twice over, and at least two stripes (the furthest is only started half way through
+/// the current one), but never more than fit in the cache beside the stripe being read.
 pub fn prefetch_depth(layout: &ChunkLayout, cache_bytes: u64, decode_threads: usize) -> u64 {
     let stripe = layout.stripe_bytes().max(1);
     let chunks_per_stripe = (stripe / layout.chunk_bytes().max(1)).max(1);
-    let wanted = (2 * decode_threads as u64).div_ceil(chunks_per_stripe).max(1);
+    let wanted = (2 * decode_threads as u64).div_ceil(chunks_per_stripe).max(2);
     let fit = (cache_bytes / stripe).saturating_sub(1);
     wanted.min(fit)
 }
@@ -972,10 +978,11 @@ mod tests {
 
     #[test]
     fn prefetch_depth_fits_the_cache() {
-        // 16 chunks of 4 MiB per stripe: one stripe ahead is plenty for 2 threads...
+        // 16 chunks of 4 MiB per stripe: two stripes ahead keep 2 threads busy...
         let wide = ChunkLayout::new(&[16384, 16384], &[1024, 1024], 4).unwrap();
-        assert_eq!(prefetch_depth(&wide, 1 << 30, 2), 1);
-        // ...but only if two stripes fit.
+        assert_eq!(prefetch_depth(&wide, 1 << 30, 2), 2);
+        // ...if they fit: with room for two stripes, one; for less, none.
+        assert_eq!(prefetch_depth(&wide, 128 << 20, 2), 1);
         assert_eq!(prefetch_depth(&wide, 127 << 20, 2), 0);
         // One chunk per stripe (1-D): several stripes ahead, bounded by the cache.
         let line = ChunkLayout::new(&[1 << 20], &[1 << 16], 4).unwrap();

@@ -35,17 +35,17 @@ def test_full_scan_decodes_each_chunk_once(tmp_path, mount_factory):
 def test_scan_with_a_cache_of_two_stripes_stays_in_budget(tmp_path, mount_factory):
     """A memmap scan (kernel readahead, several request threads, reads slightly out of order)
     with a cache of exactly two rows of chunks: still one decode per chunk. A row of chunks is
-    8 MiB here, larger than the mount's 4 MiB readahead, as for any array whose rows of chunks
+    16 MiB here, well past the mount's 4 MiB readahead, as for any array whose rows of chunks
     dwarf the readahead window (the case the cache sizing is about)."""
-    shape, chunks = (1024, 8192), (256, 1024)
+    shape, chunks = (1024, 16384), (256, 2048)
     data = make_store(tmp_path / "a.zarr", shape, chunks)
-    stripe = 256 * 8192 * 4
+    stripe = 256 * 16384 * 4
     m = mount_factory(tmp_path / "a.zarr", "--cache-size", str(2 * stripe))
     scanned = np.memmap(m.path("a"), dtype="f4", shape=data.shape, mode="r")
     assert np.array_equal(scanned, data)
     s = stats(m)
     assert s["cached_bytes"] <= 2 * stripe
-    assert s["chunks_decoded"] == (1024 // 256) * (8192 // 1024), s
+    assert s["chunks_decoded"] == (1024 // 256) * (16384 // 2048), s
 
 
 def test_cache_smaller_than_a_stripe_warns_with_the_size_needed(tmp_path, zarrfs_bin):
