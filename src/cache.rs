@@ -141,8 +141,9 @@ impl ChunkCache {
         self.inner.lock().unwrap().lru.promote(&key);
     }
 
-    /// True when the chunk is cached or being decoded: the prefetcher skips it.
-    pub fn is_present_or_loading(&self, key: ChunkKey) -> bool {
+    #[cfg(test)]
+    /// True when the chunk is cached or being decoded.
+    pub(crate) fn is_present_or_loading(&self, key: ChunkKey) -> bool {
         let inner = self.inner.lock().unwrap();
         inner.lru.contains(&key) || inner.in_flight.contains_key(&key)
     }

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use crate::cache::{Chunk, ChunkCache, ChunkKey, Claim, Flight, StatsSnapshot};
+use crate::cache::{Chunk, ChunkCache, ChunkKey, Claim, Flight};
 use crate::layout::ChunkLayout;
 use crate::npy;
 use crate::source::{ArrayInfo, ChunkDecoder, ChunkWriter, DecodeError, GroupInfo, OpenArray};
@@ -680,7 +680,8 @@ impl ZarrFs {
         Ok(out)
     }
 
-    pub fn stats(&self) -> StatsSnapshot {
+    #[cfg(test)]
+    fn stats(&self) -> crate::cache::StatsSnapshot {
         self.cache.snapshot()
     }
 

@@ -98,7 +98,6 @@ pub struct OpenArray {
 pub struct Store {
     pub location: PathBuf,
     pub zarr_format: u8,
-    pub root_is_array: bool,
     pub groups: Vec<GroupInfo>,
     pub arrays: Vec<OpenArray>,
     pub skipped: Vec<Skipped>,
@@ -158,7 +157,6 @@ impl Store {
         let mut store = Store {
             location: location.to_path_buf(),
             zarr_format: node_zarr_format(root.metadata()),
-            root_is_array: matches!(root.metadata(), NodeMetadata::Array(_)),
             groups: Vec::new(),
             arrays: Vec::new(),
             skipped: Vec::new(),
