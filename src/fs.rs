@@ -528,15 +528,15 @@ impl ZarrFs {
         let mut bases: HashMap<ChunkKey, Chunk> = HashMap::new();
         let mut lacking: Vec<ChunkKey> = pieces.iter().map(|p| p.0).filter(|k| !self.dirty.contains(*k)).collect();
         lacking.dedup();
+        let mut epoch = self.dirty.epoch();
         loop {
-            let epoch = self.dirty.epoch();
             for key in lacking {
                 let chunk = pieces.iter().find(|p| p.0 == key).expect("key from pieces").1;
                 bases.insert(key, load_chunk(&self.cache, index, a, chunk)?);
             }
             match self.dirty.apply(&pieces, &bases, epoch, data) {
                 Ok(()) => break,
-                Err(missing) => lacking = missing,
+                Err((missing, now)) => (lacking, epoch) = (missing, now),
             }
         }
         // The same bytes seen through the array's other file may sit in the page cache.

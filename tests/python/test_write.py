@@ -747,8 +747,8 @@ def test_flush_during_multi_chunk_write(zarrfs_bin, tmp_path):
         fd = os.open(m.path("arr"), os.O_WRONLY)
         two_rows = np.ones((2, width), "f4").tobytes()
         deadline = time.monotonic() + 6
+        n = 0
         try:
-            n = 0
             while time.monotonic() < deadline and not done.is_set():
                 r = (n % nrows) * crow + (n // nrows) % (crow - 2)  # chunk rows in turn: evicted, decoded again
                 pwrite_all(fd, two_rows, r * width * 4)
@@ -764,6 +764,9 @@ def test_flush_during_multi_chunk_write(zarrfs_bin, tmp_path):
     log = m.log_path.read_text()
     panic = next((line for line in log.splitlines() if "panicked" in line), "")
     assert not errors and alive, f"writers failed {errors}, daemon alive={alive}; {panic}"
+    # Row writes must get through while the other writer keeps storing its chunk: when every
+    # write-back made the row writer reload all 64 chunks, it managed 2 writes in 90 s.
+    assert n >= 2 * nrows, f"row writer starved: {n} writes in 6 s"
     assert_store_equals(store, model, what="rows written while flushes ran")
     assert_store_equals(store, ymodel, path="y", what="the other array")
 
