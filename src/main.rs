@@ -425,6 +425,14 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         detach(fd, settings.log_file.as_deref())?;
     }
     log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
+    if settings.read_write && zarrfs::remote::url_of(store_path).is_none() {
+        // A writer killed mid-write leaves its temporary chunk file behind; clear them off the
+        // serving path, since a big store takes a while to walk.
+        let root = store_path.to_path_buf();
+        let _ = std::thread::Builder::new().name("zarrfs-sweep".into()).spawn(move || {
+            zarrfs::source::remove_dead_temp_files(&root);
+        });
+    }
     let mp = mountpoint.clone();
     std::thread::Builder::new()
         .name("zarrfs-signals".into())

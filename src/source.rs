@@ -692,6 +692,45 @@ impl ListableStorageTraits for LocalDir {
     }
 }
 
+/// The temporary file a chunk is written to before it replaces `name`: hidden, so zarr-python
+/// and listings skip it, and naming the writing process, so leftovers can be told apart.
+fn temp_name(name: &str, pid: u32, n: u64) -> String {
+    format!(".{name}.zarrfs-{pid}-{n}.tmp")
+}
+
+/// The process that wrote a file named by [`temp_name`], if `file_name` is one.
+fn temp_writer(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (rest, n) = rest.rsplit_once('-')?;
+    let (_, pid) = rest.rsplit_once(".zarrfs-")?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Remove the temporary files that writers which are no longer running (killed mid-write) left
+/// under `root`; a live process's files are its writes in progress. Returns how many went.
+pub fn remove_dead_temp_files(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                dirs.push(entry.path());
+                continue;
+            }
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(temp_writer) else { continue };
+            if kind.is_file() && !Path::new("/proc").join(pid.to_string()).exists() && std::fs::remove_file(entry.path()).is_ok() {
+                log::info!("{}: removed {} left by an interrupted write", root.display(), entry.path().display());
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 impl WritableStorageTraits for LocalDir {
     fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
         use std::io::Write;
@@ -702,7 +741,7 @@ impl WritableStorageTraits for LocalDir {
         std::fs::create_dir_all(dir)?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let temp = dir.join(format!(".{name}.zarrfs-{}-{n}.tmp", std::process::id()));
+        let temp = dir.join(temp_name(&name, std::process::id(), n));
         let written = (|| {
             let mut file = std::fs::File::create(&temp)?;
             file.write_all(&value)?;
@@ -745,7 +784,16 @@ impl WritableStorageTraits for LocalDir {
 
 #[cfg(test)]
 mod tests {
-    use super::{copy_block, numpy_typestr};
+    use super::{copy_block, numpy_typestr, temp_name, temp_writer};
+
+    #[test]
+    fn temp_names_name_their_writer() {
+        assert_eq!(temp_writer(&temp_name("c.0.1", 4242, 7)), Some(4242));
+        assert_eq!(temp_writer(&temp_name("zarr.json", 1, 0)), Some(1));
+        for other in [".zarray", "0.0", ".c.zarrfs-12.tmp", ".c.zarrfs-x-1.tmp", "c.zarrfs-1-2.tmp", ".c.zarrfs-1-2"] {
+            assert_eq!(temp_writer(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn copy_block_places_and_clips() {

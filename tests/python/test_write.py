@@ -771,6 +771,27 @@ def test_flush_during_multi_chunk_write(zarrfs_bin, tmp_path):
     assert_store_equals(store, ymodel, path="y", what="the other array")
 
 
+def test_rw_mount_removes_temp_files_of_dead_writers(zarrfs_bin, tmp_path):
+    """What kill -9 leaves (a temporary chunk file of a process that is gone) is removed by the
+    next writable mount; a live writer's temporary file and a read-only mount touch nothing."""
+    store = make_store(tmp_path, "left.zarr", np.arange(64, dtype="f4"), chunks=(16,))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    chunk_dir = next(p.parent for p in store.rglob("*") if p.is_file() and p.name == "0")
+    dead = chunk_dir / f".0.zarrfs-{gone.pid}-3.tmp"
+    live = chunk_dir / f".1.zarrfs-{os.getpid()}-0.tmp"
+    unrelated = chunk_dir / ".0.tmp"
+    for p in (dead, live, unrelated):
+        p.write_bytes(b"partial")
+    with Mount(store, tmp_path / "ro"):
+        pass
+    assert dead.exists(), "a read-only mount changed the store"
+    with Mount(store, tmp_path / "rw", "-o", "rw"):
+        assert wait_until(lambda: not dead.exists(), timeout=10), "the dead writer's file is still there"
+        assert live.exists() and unrelated.exists(), "removed a file that is not a dead writer's"
+    assert np.array_equal(zarr_array(store), np.arange(64, dtype="f4"))
+
+
 # --------------------------------------------------------------------------
 # 6. chunks that become entirely the fill value are deleted
 # --------------------------------------------------------------------------
