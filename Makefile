@@ -14,12 +14,14 @@ CARGO_FLAGS := --release --locked
 
 all: build
 
-# System packages: fuse3 (fusermount3, mount.fuse3), attr (getfattr), bsdextrautils (hexdump).
+# System packages: fuse3 (fusermount3, mount.fuse3), attr (getfattr), bsdextrautils (hexdump),
+# openssl (the HTTPS test's certificates).
 system-deps:
 	@missing=""; \
 	command -v fusermount3 >/dev/null || missing="$$missing fuse3"; \
 	command -v getfattr >/dev/null || missing="$$missing attr"; \
 	command -v hexdump >/dev/null || missing="$$missing bsdextrautils"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \

@@ -175,7 +175,9 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,zarrfs=info")).init();
+    // The TLS verifier logs each rejected certificate; the error zarrfs reports says it once.
+    let default_filter = "warn,zarrfs=info,rustls_platform_verifier=off";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter)).init();
     let result = match cli.command {
         Command::Info { store, json } => {
             // Like other Unix filters: `zarrfs info | head` ends quietly when the reader goes.

@@ -184,7 +184,14 @@ fn with_consolidated_metadata(
         let key = StoreKey::new(name).expect("valid key");
         storage
             .get(&key)
-            .map_err(|e| format!("cannot read {name}: {}", one_line(&e.to_string())))
+            .map_err(|e| {
+                let reason = one_line(&e.to_string());
+                let hint = match reason.contains("invalid peer certificate") {
+                    true => " (to trust a private CA, set SSL_CERT_FILE to its PEM file)",
+                    false => "",
+                };
+                format!("cannot read {name}: {reason}{hint}")
+            })
     };
     if let Some(doc) = get("zarr.json")? {
         let Ok(doc) = serde_json::from_slice::<Value>(&doc) else {

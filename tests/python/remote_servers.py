@@ -10,8 +10,11 @@ by polling with a deadline, and can be restarted on the same port (a "server com
 The servers run in subprocesses, never threads: a test that page-faults on a mounted file holds
 the GIL while the FUSE daemon waits for the server.
 
+``HttpServer`` serves HTTPS when given a certificate: ``make_tls_files`` makes a throwaway CA and
+a certificate for localhost signed by it (with the ``openssl`` command).
+
 Run as a script, this module is the HTTP server:
-    python remote_servers.py DIRECTORY --port N --ready-file F --request-log L
+    python remote_servers.py DIRECTORY --port N --ready-file F --request-log L [--tls-cert C --tls-key K]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -112,21 +116,44 @@ class _Process:
         self.stop()
 
 
+def make_tls_files(workdir) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate, server key) PEM files in ``workdir``: a CA made for
+    this test, and a certificate for localhost / 127.0.0.1 that it signed."""
+    d = Path(workdir)
+    ca, ca_key, cert, key, csr, ext = (d / n for n in ("ca.pem", "ca.key", "server.pem", "server.key",
+                                                      "server.csr", "server.ext"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                   "extendedKeyUsage=serverAuth\n")
+    for cmd in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=zarrfs test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+         "-days", "2", "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True, timeout=60)
+    return ca, cert, key
+
+
 class HttpServer(_Process):
     """``python -m http.server``-like static server of ``directory`` with range requests."""
 
-    def __init__(self, directory, workdir):
+    def __init__(self, directory, workdir, tls: tuple[Path, Path] | None = None):
+        """``tls``: (certificate chain, key) PEM files to serve HTTPS with."""
         workdir = Path(workdir)
         super().__init__(workdir / "http-server.log")
         self.directory = Path(directory)
         self.ready_file = workdir / "http-server.port"
         self.request_log = workdir / "http-requests.log"
+        self.tls = tls
 
     def start(self, port: int = 0) -> "HttpServer":
         """Start on ``port`` (0: an ephemeral port; a restart passes the old one)."""
         self.ready_file.unlink(missing_ok=True)
+        tls = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
         self._spawn([sys.executable, __file__, str(self.directory), "--port", str(port),
-                     "--ready-file", str(self.ready_file), "--request-log", str(self.request_log)])
+                     "--ready-file", str(self.ready_file), "--request-log", str(self.request_log), *tls])
 
         def find_port():
             try:
@@ -144,6 +171,8 @@ class HttpServer(_Process):
         return self.start(port)
 
     def url(self, rel: str) -> str:
+        if self.tls:  # the certificate names localhost
+            return f"https://localhost:{self.port}/{rel}"
         return f"http://127.0.0.1:{self.port}/{rel}"
 
     def requests(self) -> list[tuple[str, str, str]]:
@@ -291,6 +320,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--ready-file", required=True)
     ap.add_argument("--request-log")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     args = ap.parse_args()
     if args.request_log:
         _RangeHandler.request_log = open(args.request_log, "a")
@@ -301,6 +332,10 @@ def main() -> None:
     http.server.ThreadingHTTPServer.allow_reuse_address = True
     http.server.ThreadingHTTPServer.daemon_threads = True
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     tmp = args.ready_file + ".tmp"
     with open(tmp, "w") as f:

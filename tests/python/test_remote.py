@@ -34,7 +34,7 @@ from helpers import (
     wait_until,
     zarrfs_pids,
 )
-from remote_servers import HttpServer, MotoServer, upload_dir
+from remote_servers import HttpServer, MotoServer, make_tls_files, upload_dir
 
 FAST = ["-o", "remote_timeout=2s,remote_retries=1"]
 CASES = {fmt: [c for c in stores.BIG_STORES[fmt][0] if not c.skipped] for fmt in (2, 3)}
@@ -186,6 +186,24 @@ def test_http_root_array_needs_no_listing(http_server, www, remote_mount, fmt):
     assert sorted(os.listdir(m.path())) == [name, name + ".npy"]
     exp = stores.expected_array(www / f"root_v{fmt}.zarr", "")
     assert m.path(name).read_bytes() == exp.tobytes()
+
+
+def test_https_with_a_trusted_ca_every_byte(www, tmp_path, remote_mount, guard_paths):
+    """HTTPS against a server whose certificate a CA made for the test signed: trusted through
+    SSL_CERT_FILE (the system's CA bundle otherwise), refused with a one-line error without it."""
+    ca, cert, key = make_tls_files(tmp_path)
+    with HttpServer(www, tmp_path, tls=(cert, key)).start() as server:
+        url = server.url("big_v3.zarr")
+        assert url.startswith("https://")
+        m = remote_mount(url, *FAST, env={"SSL_CERT_FILE": str(ca)})
+        check_every_array(m, www / "big_v3.zarr", 3)
+        m.assert_live()
+
+        mp = tmp_path / "untrusted"
+        mp.mkdir()
+        guard_paths.append(str(mp))
+        refused(run_zarrfs("mount", url, mp, *FAST, env=clean_env()), url, "invalid peer certificate", "SSL_CERT_FILE")
+        assert not is_mounted(mp)
 
 
 @pytest.mark.parametrize("fmt", [2, 3])
