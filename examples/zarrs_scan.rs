@@ -8,7 +8,11 @@
 //! ```
 //!
 //! Prints one JSON line on stdout. The timed part covers opening every chunk file, reading it
-//! and decoding it into a fresh buffer; array metadata is read before the clock starts.
+//! and decoding it; array metadata is read before the clock starts.
+//!
+//! By default each decoded chunk is dropped at once, so the allocator hands the same memory to
+//! the next decode. With `--keep` every chunk is kept until the end, as a cache of decoded chunks
+//! keeps them: each decode then writes into memory the kernel has to fault in and zero first.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +32,9 @@ struct Args {
     /// Decoding threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Keep every decoded chunk in memory until all are decoded.
+    #[arg(long)]
+    keep: bool,
 }
 
 /// The grid index of linear chunk number `i` in row-major order.
@@ -49,6 +56,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = CodecOptions::default().with_concurrent_target(1);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.max(1)).build()?;
 
+    let kept = std::sync::Mutex::new(Vec::with_capacity(if args.keep { n as usize } else { 0 }));
+
     let started = Instant::now();
     let bytes: Result<u64, String> = pool.install(|| {
         (0..n)
@@ -57,16 +66,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let idx = unravel(i, &grid);
                 let chunk: ArrayBytes<'static> =
                     array.retrieve_chunk_opt(&idx, &options).map_err(|e| format!("chunk {idx:?}: {e}"))?;
-                let fixed = chunk.into_fixed().map_err(|e| format!("chunk {idx:?}: {e}"))?;
-                Ok(fixed.len() as u64)
+                let fixed = chunk.into_fixed().map_err(|e| format!("chunk {idx:?}: {e}"))?.into_owned();
+                let len = fixed.len() as u64;
+                if args.keep {
+                    kept.lock().unwrap().push(fixed);
+                }
+                Ok(len)
             })
             .try_reduce(|| 0, |a, b| Ok(a + b))
     });
     let seconds = started.elapsed().as_secs_f64();
     let bytes = bytes?;
+    drop(kept);
     println!(
         "{}",
-        serde_json::json!({"seconds": seconds, "bytes": bytes, "chunks": n, "threads": args.threads})
+        serde_json::json!({"seconds": seconds, "bytes": bytes, "chunks": n, "threads": args.threads, "keep": args.keep})
     );
     Ok(())
 }
