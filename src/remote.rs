@@ -22,8 +22,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
@@ -40,7 +40,7 @@ use zarrs::storage::{
 
 use crate::disk_cache::DiskCache;
 use crate::options::parse_size;
-use crate::source::{OpenError, Store};
+use crate::source::{OpenError, Store, Timestamps};
 
 /// Settings for remote stores; part of the mount settings (`-o` options and flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +153,7 @@ pub fn open_url(url: &str, settings: &RemoteSettings, writable: bool) -> Result<
     let remote = Arc::new(RemoteStorage::connect(url, settings).map_err(err)?);
     let listable = remote.listable;
     let mut write: Option<WritableStorage> = if writable { Some(remote.clone()) } else { None };
-    let mut storage: ReadableListableStorage = remote;
+    let mut storage: ReadableListableStorage = remote.clone();
     if let Some(dir) = &settings.disk_cache {
         let mut cache = DiskCache::open(storage, dir, settings.disk_cache_bytes, url)
             .map_err(|e| err(format!("disk cache {}: {e}", dir.display())))?;
@@ -167,7 +167,10 @@ pub fn open_url(url: &str, settings: &RemoteSettings, writable: bool) -> Result<
         storage = cache;
     }
     let storage = with_consolidated_metadata(storage, listable).map_err(err)?;
-    Store::open_storage(storage, write, Path::new(url), None)
+    // Fetching the root metadata (just done) noted its time; served from the disk cache, it
+    // did not, and the mount time stands in.
+    let modified = remote.root_modified.lock().unwrap().unwrap_or_else(SystemTime::now);
+    Store::open_storage(storage, write, Path::new(url), Timestamps::Fixed(modified))
 }
 
 const NO_LISTING: &str = "cannot list a plain HTTP store; write consolidated metadata \
@@ -234,7 +237,12 @@ pub struct RemoteStorage {
     runtime: Arc<tokio::runtime::Runtime>,
     /// S3 can list (and be written); plain HTTP cannot.
     pub listable: bool,
+    /// Last modification of the root metadata, noted when it is fetched: the files' times.
+    root_modified: Mutex<Option<SystemTime>>,
 }
+
+/// The metadata documents at the root of a store.
+const ROOT_METADATA: [&str; 4] = ["zarr.json", ".zmetadata", ".zgroup", ".zarray"];
 
 /// Where a URL points: an S3 bucket and key prefix, or an HTTP base URL.
 #[derive(Debug, PartialEq, Eq)]
@@ -338,6 +346,7 @@ impl RemoteStorage {
             store,
             runtime: Arc::new(runtime),
             listable,
+            root_modified: Mutex::new(None),
         })
     }
 
@@ -371,11 +380,11 @@ impl RemoteStorage {
         store: &dyn ObjectStore,
         path: &ObjectPath,
         range: ByteRange,
-    ) -> object_store::Result<Bytes> {
+    ) -> object_store::Result<(Bytes, SystemTime)> {
         let get_range = match range {
             ByteRange::FromStart(0, None) => None,
             ByteRange::FromStart(start, None) => Some(GetRange::Offset(start)),
-            ByteRange::FromStart(_, Some(0)) | ByteRange::Suffix(0) => return Ok(Bytes::new()),
+            ByteRange::FromStart(_, Some(0)) | ByteRange::Suffix(0) => return Ok((Bytes::new(), SystemTime::UNIX_EPOCH)),
             ByteRange::FromStart(start, Some(len)) => Some(GetRange::Bounded(start..start + len)),
             ByteRange::Suffix(len) => Some(GetRange::Suffix(len)),
         };
@@ -383,7 +392,9 @@ impl RemoteStorage {
             range: get_range,
             ..Default::default()
         };
-        let bytes = store.get_opts(path, options).await?.bytes().await?;
+        let got = store.get_opts(path, options).await?;
+        let modified = SystemTime::from(got.meta.last_modified);
+        let bytes = got.bytes().await?;
         let expected = match range {
             ByteRange::FromStart(_, Some(len)) | ByteRange::Suffix(len) => Some(len),
             ByteRange::FromStart(_, None) => None,
@@ -395,7 +406,7 @@ impl RemoteStorage {
                     .into(),
             });
         }
-        Ok(bytes)
+        Ok((bytes, modified))
     }
 
     fn object_path(prefix: &StorePrefix) -> Option<ObjectPath> {
@@ -433,7 +444,14 @@ impl ReadableStorageTraits for RemoteStorage {
             ranges.iter().map(|range| Self::fetch(store, &path, *range)),
         ));
         match result {
-            Ok(parts) => Ok(Some(Box::new(parts.into_iter().map(Ok)))),
+            Ok(parts) => {
+                if ROOT_METADATA.contains(&key.as_str()) {
+                    let newest = parts.iter().map(|p| p.1).max();
+                    let mut noted = self.root_modified.lock().unwrap();
+                    *noted = (*noted).max(newest);
+                }
+                Ok(Some(Box::new(parts.into_iter().map(|p| Ok(p.0)))))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Self::error(key.as_str(), e)),
         }

@@ -136,16 +136,16 @@ impl Store {
         let inner = FilesystemStore::new(location).map_err(|e| err(e.to_string()))?;
         let dir = Arc::new(LocalDir { inner });
         let write: Option<WritableStorage> = if writable { Some(dir.clone()) } else { None };
-        Store::open_storage(dir, write, location, Some(location))
+        Store::open_storage(dir, write, location, Timestamps::Local(location))
     }
 
-    /// Open the hierarchy held by `storage`; `location` names it in messages, `local_root` (a
-    /// directory) is where file timestamps come from when there is one.
+    /// Open the hierarchy held by `storage`; `location` names it in messages, `times` says where
+    /// the nodes' modification times come from.
     pub fn open_storage(
         storage: ReadableListableStorage,
         writable: Option<WritableStorage>,
         location: &Path,
-        local_root: Option<&Path>,
+        times: Timestamps,
     ) -> Result<Store, OpenError> {
         let err = |reason: String| OpenError { store: location.to_path_buf(), reason };
         let root = Node::open(&storage, "/").map_err(|e| match e {
@@ -161,7 +161,7 @@ impl Store {
             arrays: Vec::new(),
             skipped: Vec::new(),
         };
-        store.walk(&storage, writable.as_ref(), local_root, &root).map_err(err)?;
+        store.walk(&storage, writable.as_ref(), &times, &root).map_err(err)?;
         Ok(store)
     }
 
@@ -169,10 +169,13 @@ impl Store {
         &mut self,
         storage: &ReadableListableStorage,
         writable: Option<&WritableStorage>,
-        local_root: Option<&Path>,
+        times: &Timestamps,
         node: &Node,
     ) -> Result<(), String> {
-        let mtime = |path: &str| local_root.map_or(SystemTime::UNIX_EPOCH, |root| metadata_mtime(root, path));
+        let mtime = |path: &str| match times {
+            Timestamps::Local(root) => metadata_mtime(root, path),
+            Timestamps::Fixed(time) => *time,
+        };
         let path = node.path().as_str().to_string();
         match node.metadata() {
             NodeMetadata::Group(group) => {
@@ -188,7 +191,7 @@ impl Store {
                 let mut children: Vec<&Node> = node.children().iter().collect();
                 children.sort_by(|a, b| a.path().as_str().cmp(b.path().as_str()));
                 for child in children {
-                    self.walk(storage, writable, local_root, child)?;
+                    self.walk(storage, writable, times, child)?;
                 }
             }
             NodeMetadata::Array(metadata) => {
@@ -224,6 +227,14 @@ fn io_reason(e: &std::io::Error) -> String {
 /// zarrs errors can span lines (serde's context); the user gets one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Where the modification times of a store's files and directories come from.
+pub enum Timestamps<'a> {
+    /// A local store: each node's metadata documents.
+    Local(&'a Path),
+    /// The same time for every node (a remote store: its root metadata's last modification).
+    Fixed(SystemTime),
 }
 
 /// The newest modification time among the metadata documents of a node.

@@ -162,6 +162,10 @@ def test_http_consolidated_every_byte(http_server, www, remote_mount, fmt):
     m = remote_mount(http_server.url(f"big_v{fmt}.zarr"), *FAST)
     check_tree(m.path(), fmt)
     check_every_array(m, www / f"big_v{fmt}.zarr", fmt)
+    # files and directories carry the root metadata's Last-Modified (whole seconds over HTTP)
+    root_doc = www / f"big_v{fmt}.zarr" / ("zarr.json" if fmt == 3 else ".zmetadata")
+    for p in (m.path(), m.path(CASES[fmt][0].path)):
+        assert int(p.stat().st_mtime) == int(root_doc.stat().st_mtime), p
     m.assert_live()
 
 
