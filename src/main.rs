@@ -220,7 +220,7 @@ fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
         .map(|a| {
             let i = &a.info;
             let nbytes = i.shape.iter().product::<u64>() * i.itemsize;
-            let stored = stored_bytes(&store_path.join(i.path.trim_start_matches('/')));
+            let stored = store.stored_bytes(&i.path);
             (i, nbytes, stored)
         })
         .collect();
@@ -249,7 +249,7 @@ fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
             format!("{:?}", i.shape),
             format!("{:?}", i.chunks),
             human(*nbytes),
-            human(*stored),
+            stored.map_or("-".into(), human),
             codec_names(&i.codecs)
         );
     }
@@ -280,19 +280,6 @@ fn codec_names(codecs: &serde_json::Value) -> String {
     }
     walk(codecs, &mut names);
     names.join(", ")
-}
-
-/// Bytes the array's chunks occupy in the store (its directory, metadata included).
-fn stored_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => stored_bytes(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn human(bytes: u64) -> String {

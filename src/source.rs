@@ -101,6 +101,7 @@ pub struct Store {
     pub groups: Vec<GroupInfo>,
     pub arrays: Vec<OpenArray>,
     pub skipped: Vec<Skipped>,
+    storage: ReadableListableStorage,
 }
 
 /// Why a store could not be opened. Always names the store.
@@ -160,9 +161,19 @@ impl Store {
             groups: Vec::new(),
             arrays: Vec::new(),
             skipped: Vec::new(),
+            storage: storage.clone(),
         };
         store.walk(&storage, writable.as_ref(), &times, &root).map_err(err)?;
         Ok(store)
+    }
+
+    /// Bytes stored under a node (its chunks and metadata), where the store can be listed.
+    pub fn stored_bytes(&self, node_path: &str) -> Option<u64> {
+        let prefix = match node_path.trim_matches('/') {
+            "" => StorePrefix::root(),
+            path => StorePrefix::new(format!("{path}/")).ok()?,
+        };
+        self.storage.size_prefix(&prefix).ok()
     }
 
     fn walk(

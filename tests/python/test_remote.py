@@ -243,6 +243,15 @@ def test_info_over_http(http_server):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert sorted(a["path"] for a in doc["arrays"]) == sorted("/" + c.path for c in CASES[3])
+    assert all(a["stored_bytes"] is None for a in doc["arrays"]), "plain HTTP cannot be listed"
+
+
+def test_info_over_s3_sums_the_listing(s3, www):
+    r = run_zarrfs("info", "--json", f"s3://{BUCKET}/listed/big_v3.zarr", env=clean_env(**s3.client_env()))
+    assert r.returncode == 0, r.stderr
+    for a in json.loads(r.stdout)["arrays"]:
+        local = www / "plain_v3.zarr" / a["path"].lstrip("/")
+        assert a["stored_bytes"] == sum(p.stat().st_size for p in local.rglob("*") if p.is_file()), a["path"]
 
 
 # --------------------------------------------------------------------------
