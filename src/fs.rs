@@ -126,6 +126,10 @@ pub struct ZarrFs {
     arrays: Arc<Vec<MountedArray>>,
     cache: Arc<ChunkCache>,
     pool: rayon::ThreadPool,
+    /// Threads that store written chunks: never the decode pool. Storing a sharded array holds
+    /// its shard lock across parallel work, and a decode pool thread waiting inside that work
+    /// may run a queued decode of the same array, which needs the lock: a deadlock.
+    store_pool: Option<rayon::ThreadPool>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     bytes_served: AtomicU64,
@@ -149,6 +153,16 @@ impl ZarrFs {
             .thread_name(|i| format!("zarrfs-decode-{i}"))
             .build()
             .map_err(|e| e.to_string())?;
+        let store_pool = match options.writable {
+            true => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(options.decode_threads.max(1))
+                    .thread_name(|i| format!("zarrfs-store-{i}"))
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            ),
+            false => None,
+        };
         let root_mtime = groups.iter().find(|g| g.path == "/").map(|g| g.mtime);
         let mut fs = ZarrFs {
             nodes: vec![
@@ -164,6 +178,7 @@ impl ZarrFs {
             arrays: Arc::new(Vec::new()),
             cache: Arc::new(ChunkCache::new(options.cache_bytes)),
             pool,
+            store_pool,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             bytes_served: AtomicU64::new(0),
@@ -586,7 +601,8 @@ impl ZarrFs {
             let a = &self.arrays[group[0].key.0 as usize];
             let Some(writer) = &a.writer else { continue };
             let chunks: Vec<(&[u64], &[u8])> = group.iter().map(|s| (s.chunk.as_slice(), s.data.as_slice())).collect();
-            match self.pool.install(|| writer.store_chunks(&chunks)) {
+            let store = || writer.store_chunks(&chunks);
+            match self.store_pool.as_ref().map_or_else(store, |pool| pool.install(store)) {
                 Ok(()) => self.dirty.retire(group, |key, data| self.cache.replace(key, data)),
                 Err(e) => {
                     log::error!("{}: write-back failed, data kept in memory: {e}", a.info.path);

@@ -711,6 +711,73 @@ def test_concurrent_writer_processes(mount_factory, tmp_path, mode, opts):
         assert len(set(stored.tolist())) >= 2, "overlap test degenerated: one writer's values everywhere"
 
 
+def test_sharded_write_back_beside_reads_makes_progress(zarrfs_bin, tmp_path):
+    """fsync of writes that span several shards while other threads read chunks of the same
+    array: storing a shard holds the array's shard lock, and a decode that needs that lock must
+    never be run by a thread that holds it (it was, when stores ran on the decode pool: the
+    whole mount hung within seconds)."""
+    rows, width, shard_rows = 4096, 512, 256
+    store = make_store(tmp_path, "sharded.zarr", np.arange(rows * width, dtype="f4").reshape(rows, width),
+                       chunks=(32, width), shards=(shard_rows, width), compressors=None)
+    row = width * 4
+    m = Mount(store, tmp_path / "mnt", "-o", "rw,decode_threads=2,threads=4", "--cache-size", "4M", foreground=True)
+    progress = {"reads": 0, "syncs": 0}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        fd = os.open(m.path("arr"), os.O_RDONLY)
+        try:
+            off = 0
+            while not stop.is_set():
+                os.pread(fd, 1 << 17, off)  # two inner chunks
+                progress["reads"] += 1
+                off = (off + (96 << 10)) % (rows * row)
+        except OSError as e:
+            errors.append(f"reader: {e}")
+        finally:
+            os.close(fd)
+
+    def writer(seed):
+        rng = np.random.default_rng(seed)
+        fd = os.open(m.path("arr"), os.O_RDWR)
+        try:
+            while not stop.is_set():
+                for s in rng.choice(rows // shard_rows - 1, 4, replace=False):  # rows straddling shards
+                    pwrite_all(fd, np.full(8 * width, seed, "f4").tobytes(), (shard_rows * (s + 1) - 4) * row)
+                os.fsync(fd)
+                progress["syncs"] += 1
+        except OSError as e:
+            errors.append(f"writer: {e}")
+        finally:
+            os.close(fd)
+
+    with m:
+        threads = [threading.Thread(target=reader, daemon=True) for _ in range(2)]
+        threads += [threading.Thread(target=writer, args=(k + 1,), daemon=True) for k in range(2)]
+        for t in threads:
+            t.start()
+        seen, still_since, started = dict(progress), time.monotonic(), time.monotonic()
+        stalled = False
+        while time.monotonic() - started < 5 and not errors:
+            time.sleep(0.2)  # sampling progress, not synchronising
+            if progress != seen:
+                seen, still_since = dict(progress), time.monotonic()
+            elif time.monotonic() - still_since > 10:
+                stalled = True
+                break
+        stop.set()
+        deadline = time.monotonic() + 20
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        hung = [t for t in threads if t.is_alive()]
+        assert not stalled and not hung, f"no progress for 10 s: {progress}; {len(hung)} threads stuck"
+        assert not errors, errors
+        assert progress["syncs"] > 0 and progress["reads"] > 0, progress
+        seen_through_mount = np.fromfile(m.path("arr"), dtype="f4")
+    assert np.array_equal(zarr_array(store).reshape(-1), seen_through_mount), "store differs from what the mount showed"
+
+
 def test_flush_during_multi_chunk_write(zarrfs_bin, tmp_path):
     """One writer writes two rows at a time across 64 chunks whose first touch needs a decode
     (slow); another writer's pressure flush (flush of every array) runs meanwhile, stores the
