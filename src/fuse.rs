@@ -322,19 +322,29 @@ fn empty_reply(result: Result<(), i32>, reply: ReplyEmpty) {
     }
 }
 
-/// Page-cache invalidation for writable mounts, sent from a thread of its own: the kernel may
-/// need to wait for pages locked by reads that our request threads are still serving.
+/// How long a write waits for the other view's stale pages to be dropped.
+const INVALIDATION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Page-cache invalidation for writable mounts. The write that asks for it waits until it is
+/// done, so that once the write returns no process reads the old bytes through the other view.
+/// It is sent from a thread of its own, and the wait is bounded: the kernel may need to wait for
+/// pages locked by reads that request threads (perhaps all of them waiting here) must serve.
 pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(u64, u64, u64) + Send + Sync> {
-    let (send, receive) = std::sync::mpsc::channel::<(u64, u64, u64)>();
+    type Job = (u64, u64, u64, std::sync::mpsc::Sender<()>);
+    let (send, receive) = std::sync::mpsc::channel::<Job>();
     let _ = std::thread::Builder::new().name("zarrfs-inval".into()).spawn(move || {
-        for (ino, offset, len) in receive {
+        for (ino, offset, len, done) in receive {
             // ENOENT: the kernel has no pages of that file cached, nothing to do.
             let _ = notifier.inval_inode(INodeNo(ino), offset as i64, len as i64);
+            let _ = done.send(());
         }
     });
     let send = std::sync::Mutex::new(send);
     Box::new(move |ino, offset, len| {
-        let _ = send.lock().unwrap().send((ino, offset, len));
+        let (done, finished) = std::sync::mpsc::channel();
+        if send.lock().unwrap().send((ino, offset, len, done)).is_ok() {
+            let _ = finished.recv_timeout(INVALIDATION_WAIT);
+        }
     })
 }
 

@@ -360,22 +360,31 @@ def test_no_lost_update_across_views(mount_factory, tmp_path):
 
 def test_open_reader_of_npy_view_sees_writes_through_flat_file(mount_factory, tmp_path):
     """A reader keeps NAME.npy open (pages cached) while another fd writes NAME: the kernel is
-    told to drop the stale pages, so the open reader's next read sees the new value."""
+    told to drop the stale pages before the write returns, so the open reader's next read sees
+    the new value, every time, in either direction."""
     store = _two_view_store(tmp_path)
     m = mount_factory(store, *RW)
     hl = read_npy_header(m.path("arr.npy"))[0]
-    rfd = os.open(m.path("arr.npy"), os.O_RDONLY)
+    nfd = os.open(m.path("arr.npy"), os.O_RDWR)
+    ffd = os.open(m.path("arr"), os.O_RDWR)
     try:
-        assert np.frombuffer(os.pread(rfd, 4, hl + 300 * 4), "i4")[0] == 300
-        wfd = os.open(m.path("arr"), os.O_WRONLY)
-        try:
-            pwrite_all(wfd, np.int32(-3).tobytes(), 300 * 4)
-        finally:
-            os.close(wfd)
-        # Invalidation is sent asynchronously: poll (bounded) for the new value.
-        assert wait_until(lambda: np.frombuffer(os.pread(rfd, 4, hl + 300 * 4), "i4")[0] == -3, 5)
+        assert np.frombuffer(os.pread(nfd, 4, hl + 300 * 4), "i4")[0] == 300
+        n_elems = os.fstat(ffd).st_size // 4
+        stale = []
+        for i in range(1, 401):
+            at = (i * 1021) % n_elems * 4
+            os.pread(nfd, 4, hl + at)  # the .npy page is cached
+            pwrite_all(ffd, np.int32(-i).tobytes(), at)
+            if np.frombuffer(os.pread(nfd, 4, hl + at), "i4")[0] != -i:
+                stale.append(f"npy after flat write {i}")
+            os.pread(ffd, 4, at)  # the other way round: the flat page is cached
+            pwrite_all(nfd, np.int32(i).tobytes(), hl + at)
+            if np.frombuffer(os.pread(ffd, 4, at), "i4")[0] != i:
+                stale.append(f"flat after npy write {i}")
+        assert not stale, f"{len(stale)} of 800 reads right after a write through the other view were stale: {stale[:5]}"
     finally:
-        os.close(rfd)
+        os.close(ffd)
+        os.close(nfd)
 
 
 # --------------------------------------------------------------------------
