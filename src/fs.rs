@@ -561,9 +561,9 @@ impl ZarrFs {
                 false => invalidate(a.data_ino, start, len),
             }
         }
-        let dirty = self.dirty.bytes();
-        self.cache.set_reserved(dirty);
-        // Past half the budget, the writer pays for write-back: memory stays bounded.
+        let dirty = self.dirty.publish_bytes(|bytes| self.cache.set_reserved(bytes));
+        // Past half the budget, the writer pays for write-back: memory stays bounded. Writes
+        // that copy chunks being stored count too, so they wait for the write-back to end.
         if dirty > self.options.cache_bytes / 2 {
             self.flush(None)?;
         }
@@ -596,6 +596,14 @@ impl ZarrFs {
     fn flush(&self, array: Option<usize>) -> Result<(), Errno> {
         let _one_at_a_time = self.dirty.begin_flush();
         let batch = self.dirty.snapshot(|k| array.is_none_or(|a| k.0 as usize == a));
+        let result = self.store_and_retire(&batch);
+        drop(batch);
+        self.dirty.forget_copies();
+        self.dirty.publish_bytes(|bytes| self.cache.set_reserved(bytes));
+        result
+    }
+
+    fn store_and_retire(&self, batch: &[crate::writeback::Snapshot]) -> Result<(), Errno> {
         let mut result = Ok(());
         for group in batch.chunk_by(|x, y| x.key.0 == y.key.0) {
             let a = &self.arrays[group[0].key.0 as usize];
@@ -610,7 +618,6 @@ impl ZarrFs {
                 }
             }
         }
-        self.cache.set_reserved(self.dirty.bytes());
         result
     }
 
@@ -1013,5 +1020,75 @@ mod tests {
         assert_eq!(fs.stripes_exceeding_cache(), vec![("/grp/a".to_string(), 3 * 16 * 32 * 2)]);
         let (fs, _) = mount([256, 96], [16, 32], 1 << 20);
         assert!(fs.stripes_exceeding_cache().is_empty());
+    }
+
+    /// A store that takes its time on its first call: says it started, then waits to be let go.
+    struct SlowFirstStore(Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>);
+    impl ChunkWriter for SlowFirstStore {
+        fn store_chunks(&self, _: &[(&[u64], &[u8])]) -> Result<(), DecodeError> {
+            if let Some((started, go)) = self.0.lock().unwrap().take() {
+                started.send(()).unwrap();
+                go.recv().unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    /// Chunks rewritten while a write-back stores them are copied (the store still reads the old
+    /// contents): the copies count against the budget, and the writer making them waits for the
+    /// write-back once they push written data past half of it.
+    #[test]
+    fn copies_of_chunks_being_stored_count_against_the_budget() {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let budget = 64 * 64 * 2 * 16; // 16 chunks of 64x64 u16
+        let info = ArrayInfo {
+            path: "/a".into(), dtype: "<u2".into(), itemsize: 2, shape: vec![64, 64 * 64], chunks: vec![64, 64],
+            decode_chunk_shape: vec![64, 64], fill_value: json!(0), attributes: json!({}), codecs: json!([]),
+            zarr_format: 3, mtime: SystemTime::UNIX_EPOCH,
+        };
+        let source = Arc::new(Synthetic { shape: [64, 4096], chunks: [64, 64], decodes: Mutex::default(), total: AtomicUsize::new(0) });
+        let writer = Arc::new(SlowFirstStore(Mutex::new(Some((started_tx, go_rx)))));
+        let array = OpenArray { info, decoder: source, writer: Some(writer) };
+        let options = FsOptions { cache_bytes: budget, decode_threads: 2, uid: 0, gid: 0, writable: true };
+        let fs = Arc::new(ZarrFs::new(vec![], vec![array], "root", options).unwrap());
+        let ino = fs.lookup(ROOT_INO, OsStr::new("a")).unwrap().ino;
+        let chunk = 64 * 64 * 2u64;
+        let at = |c: u64| c * 64 * 2; // first element of chunk c (row 0)
+        for c in 0..8 {
+            fs.write(ino, at(c), &[1, 0]).unwrap(); // half the budget dirty: no flush yet
+        }
+        for c in 20..40 {
+            fs.read(ino, None, at(c), 2).unwrap(); // clean chunks fill the rest
+        }
+        let flusher = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.flush_file(None).unwrap())
+        };
+        started.recv().unwrap(); // the write-back holds snapshots of the 8 chunks
+        let rewrites = Arc::new(AtomicUsize::new(0));
+        let rewriter = {
+            let (fs, rewrites) = (fs.clone(), rewrites.clone());
+            std::thread::spawn(move || {
+                for c in 0..8 {
+                    fs.write(ino, at(c) + 2, &[2, 0]).unwrap();
+                    rewrites.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // The first rewrite copies a chunk and pushes written bytes past half the budget, so
+        // that write waits for the write-back before it returns.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs.dirty.bytes() < 9 * chunk && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(fs.dirty.bytes(), 9 * chunk, "the copy is counted");
+        let live = fs.cache.snapshot().cached_bytes + fs.dirty.bytes();
+        assert!(live <= budget, "decoded bytes alive {live} > budget {budget}");
+        assert_eq!(rewrites.load(Ordering::SeqCst), 0, "the writer that made the copy did not wait");
+        go.send(()).unwrap();
+        flusher.join().unwrap();
+        rewriter.join().unwrap();
+        assert_eq!(fs.read(ino, None, at(3), 4).unwrap(), vec![1, 0, 2, 0]);
     }
 }

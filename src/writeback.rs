@@ -45,6 +45,15 @@ struct State {
     epoch: u64,
     /// `(epoch after the retirement, chunk)` for the last [`RETIRED_LOG`] retirements.
     retired: VecDeque<(u64, ChunkKey)>,
+    /// Bytes of dirty chunks copied on write because a snapshot being stored (or a reader)
+    /// still held the previous contents: memory in use until the write-back ends.
+    copied: u64,
+}
+
+impl State {
+    fn bytes(&self) -> u64 {
+        self.map.values().map(|d| d.data.len() as u64).sum::<u64>() + self.copied
+    }
 }
 
 impl State {
@@ -79,9 +88,23 @@ impl DirtyChunks {
         self.state.lock().unwrap().map.contains_key(&key)
     }
 
-    /// Bytes held by dirty chunks.
+    /// Bytes held by dirty chunks, copies made while they were being stored included.
     pub fn bytes(&self) -> u64 {
-        self.state.lock().unwrap().map.values().map(|d| d.data.len() as u64).sum()
+        self.state.lock().unwrap().bytes()
+    }
+
+    /// Hand the current [`bytes`](Self::bytes) to `publish` while no write or write-back can
+    /// change them, so that two callers cannot publish their counts in the wrong order.
+    pub fn publish_bytes(&self, publish: impl FnOnce(u64)) -> u64 {
+        let state = self.state.lock().unwrap();
+        let bytes = state.bytes();
+        publish(bytes);
+        bytes
+    }
+
+    /// A write-back has ended and dropped its snapshots: the copies they caused are all that is left.
+    pub fn forget_copies(&self) {
+        self.state.lock().unwrap().copied = 0;
     }
 
     /// Take before loading bases for [`apply`](Self::apply).
@@ -112,11 +135,14 @@ impl DirtyChunks {
             lacking.dedup();
             return Err((lacking, state.epoch));
         }
-        let map = &mut state.map;
+        let State { map, copied, .. } = &mut *state;
         for &(key, chunk, dst, src, len) in pieces {
             let dirty = map
                 .entry(key)
                 .or_insert_with(|| Dirty { chunk: chunk.to_vec(), data: bases[&key].clone(), version: 0 });
+            if dirty.version > 0 && Arc::strong_count(&dirty.data) > 1 {
+                *copied += dirty.data.len() as u64; // make_mut is about to copy it
+            }
             Arc::make_mut(&mut dirty.data)[dst..dst + len].copy_from_slice(&data[src..src + len]);
             dirty.version += 1;
         }
@@ -183,6 +209,7 @@ mod tests {
 
         let snap = dirty.snapshot(|_| true);
         write(&dirty, &HashMap::new(), 1, 8).unwrap(); // written while being stored
+        assert_eq!(dirty.bytes(), 8, "the copy beside the snapshot counts");
         let cleaned = Mutex::new(Vec::new());
         dirty.retire(&snap, |k, c| cleaned.lock().unwrap().push((k, c)));
         assert!(cleaned.lock().unwrap().is_empty(), "a newer write keeps the chunk dirty");
@@ -192,6 +219,8 @@ mod tests {
         dirty.retire(&snap, |k, c| cleaned.lock().unwrap().push((k, c)));
         assert_eq!(cleaned.lock().unwrap().len(), 1);
         assert!(!dirty.contains((0, 1)));
+        drop(snap);
+        dirty.forget_copies();
         assert_eq!(dirty.bytes(), 0);
         assert_eq!(write(&dirty, &HashMap::new(), 2, 9), Err(vec![(0, 1)]), "retired: needs a base again");
         let stale_epoch = dirty.epoch() - 1;
