@@ -63,12 +63,15 @@ pub struct Flight {
     superseded: AtomicBool,
 }
 
-/// Takes a decode's bytes off the in-progress count when dropped.
-struct Decoding<'a>(&'a AtomicU64, u64);
+/// Takes a decode's bytes off the in-progress count when dropped, and lets a decode waiting
+/// for room start.
+struct Decoding<'a>(&'a ChunkCache, u64);
 
 impl Drop for Decoding<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::SeqCst);
+        self.0.decoding.fetch_sub(self.1, Ordering::SeqCst);
+        let _locked = self.0.inner.lock().unwrap(); // a waiter is checking or already waiting
+        self.0.room.notify_all();
     }
 }
 
@@ -98,6 +101,8 @@ pub struct ChunkCache {
     /// that cached plus in-progress chunks stay within the budget.
     decoding: AtomicU64,
     inner: Mutex<Inner>,
+    /// Signalled (with `inner` held) when decoding or reserved bytes go down.
+    room: Condvar,
     pub stats: CacheStats,
 }
 
@@ -108,6 +113,7 @@ impl ChunkCache {
             reserved: AtomicU64::new(0),
             decoding: AtomicU64::new(0),
             inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0, in_flight: HashMap::new() }),
+            room: Condvar::new(),
             stats: CacheStats::default(),
         }
     }
@@ -121,6 +127,7 @@ impl ChunkCache {
         self.reserved.store(bytes, Ordering::Relaxed);
         let mut inner = self.inner.lock().unwrap();
         self.evict_to_fit(&mut inner, 0);
+        self.room.notify_all();
     }
 
     /// Put newer contents for a key (after a write-back): replaces what is cached, and keeps a
@@ -186,7 +193,10 @@ impl ChunkCache {
     }
 
     /// Run the decode of a claimed chunk, cache its result and wake its waiters. `expected`
-    /// bytes (the decoded size) are made room for before the decode starts.
+    /// bytes (the decoded size) are made room for before the decode starts; while the decodes
+    /// already running leave no room beside the reserved bytes, it waits for one to end (one
+    /// decode always runs, however small the budget), so decoded bytes stay within the budget
+    /// however many threads want chunks at once.
     pub fn lead(
         &self,
         key: ChunkKey,
@@ -194,11 +204,22 @@ impl ChunkCache {
         expected: u64,
         load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
     ) -> Result<Chunk, DecodeError> {
-        self.decoding.fetch_add(expected, Ordering::SeqCst);
-        self.evict_to_fit(&mut self.inner.lock().unwrap(), 0);
+        {
+            let mut inner = self.inner.lock().unwrap();
+            loop {
+                let decoding = self.decoding.load(Ordering::SeqCst);
+                let outside = decoding + expected + self.reserved.load(Ordering::Relaxed);
+                if decoding == 0 || outside <= self.budget {
+                    break;
+                }
+                inner = self.room.wait(inner).unwrap();
+            }
+            self.decoding.fetch_add(expected, Ordering::SeqCst);
+            self.evict_to_fit(&mut inner, 0);
+        }
         self.load_as_leader(key, flight, || {
             // Counted as decoding until the decode ends, however it ends (a codec may panic).
-            let _counted = Decoding(&self.decoding, expected);
+            let _counted = Decoding(self, expected);
             load()
         })
     }
@@ -363,6 +384,46 @@ mod tests {
         });
         assert!(seen.is_ok());
         assert!(cache.snapshot().cached_bytes <= 30);
+    }
+
+    /// Eight threads lead decodes of distinct chunks at once, with room for two: cached and
+    /// in-progress bytes never pass the budget, yet every decode completes.
+    #[test]
+    fn concurrent_decodes_wait_for_room() {
+        let cache = Arc::new(ChunkCache::new(20));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let threads: Vec<_> = (0..8u64)
+            .map(|i| {
+                let (cache, running, most) = (cache.clone(), running.clone(), most.clone());
+                std::thread::spawn(move || {
+                    let Claim::Lead(flight) = cache.claim((0, i)) else { panic!("distinct chunks") };
+                    cache
+                        .lead((0, i), &flight, 10, || {
+                            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                            most.fetch_max(now, Ordering::SeqCst);
+                            let cached = cache.snapshot().cached_bytes as usize;
+                            assert!(cached + 10 * now <= 20, "{now} decodes beside {cached} cached bytes");
+                            std::thread::yield_now();
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            chunk(10, i as u8)
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            assert_eq!(*t.join().unwrap(), vec![i as u8; 10]);
+        }
+        assert!(most.load(Ordering::SeqCst) <= 2);
+        assert_eq!(cache.snapshot().decodes, 8);
+    }
+
+    #[test]
+    fn one_decode_runs_however_small_the_budget() {
+        let cache = ChunkCache::new(5);
+        cache.set_reserved(100);
+        let Claim::Lead(flight) = cache.claim((0, 0)) else { panic!("not cached") };
+        assert_eq!(cache.lead((0, 0), &flight, 10, || chunk(10, 3)).unwrap().len(), 10);
     }
 
     #[test]
