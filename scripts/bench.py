@@ -744,7 +744,7 @@ def plot(path: Path) -> None:
     M = results["measurements"]
     rows = []
     for fmt, fname in FORMATS.items():
-        for k in ["zarrfs_readinto", "zarrfs_memmap", "zarrs", "zarr_python", "tensorstore"]:
+        for k in ["zarrfs_readinto", "zarrfs_memmap", "zarrs", "zarrs_keep", "zarr_python", "tensorstore"]:
             m = M.get(f"cold.{fmt}.{k}")
             if m:
                 rows.append((m["label"].replace(f" ({fname})", "") + f" — {fname}", m, f"cold {fname}"))
