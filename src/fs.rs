@@ -533,6 +533,11 @@ impl ZarrFs {
         if start.checked_add(len).is_none_or(|end| end > a.layout.file_size()) {
             return Err(libc::EFBIG);
         }
+        // Written data past half the budget that the last write-back could not store: store it
+        // now, or refuse this write before it adds more (a write that fails did not happen).
+        if self.dirty.bytes() > self.options.cache_bytes / 2 {
+            self.flush(None)?;
+        }
         let pieces = a.layout.pieces(start, len);
         let pieces: Vec<_> = pieces
             .iter()
@@ -565,7 +570,9 @@ impl ZarrFs {
         // Past half the budget, the writer pays for write-back: memory stays bounded. Writes
         // that copy chunks being stored count too, so they wait for the write-back to end.
         if dirty > self.options.cache_bytes / 2 {
-            self.flush(None)?;
+            // Applied, whatever the write-back says: if it fails (the log names the array), the
+            // data stays in memory, is retried, and the next write is refused until it succeeds.
+            let _ = self.flush(None);
         }
         Ok(written)
     }

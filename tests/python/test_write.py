@@ -787,6 +787,54 @@ def test_sharded_write_back_beside_reads_makes_progress(zarrfs_bin, tmp_path):
     assert np.array_equal(zarr_array(store).reshape(-1), seen_through_mount), "store differs from what the mount showed"
 
 
+def test_failing_write_back_holds_data_and_refuses_writes_past_the_limit(zarrfs_bin, tmp_path):
+    """One array's chunks cannot be stored (its chunk directory is immutable): fsync says EIO
+    and the data stays in memory, readable. Once written data passes half the budget, the next
+    write, to any array, is refused with EIO before it changes anything; when the chunks can be
+    stored again, writes succeed and everything reaches the store."""
+    n, chunk = 64 * 1024, 1024  # f4: 4 KiB chunks; --cache-size 64K: refusals past 32 KiB written
+    store = make_store(tmp_path, "wb.zarr", np.zeros(n, "f4"), chunks=(chunk,), compressors=None, fill_value=-1)
+    zarr.create_array(store=str(store), name="other", data=np.zeros(n, "f4"), chunks=(chunk,), compressors=None,
+                      fill_value=-1)
+    cdir = store / "arr" / "c"
+    if subprocess.run(["chattr", "+i", str(cdir)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    model, other = Model(zarr_array(store)), Model(zarr_array(store, "other"))
+    try:
+        with Mount(store, tmp_path / "mnt", "-o", "rw,writeback_secs=3600", "--cache-size", "64K",
+                   foreground=True) as m:
+            fd, ofd = os.open(m.path("arr"), os.O_RDWR), os.open(m.path("other"), os.O_RDWR)
+            try:
+                def write_chunk(k: int, value: float) -> None:
+                    data = np.full(chunk, value, "f4").tobytes()
+                    pwrite_all(fd, data, k * chunk * 4)
+                    model.write(k * chunk * 4, data)
+
+                for k in range(4):
+                    write_chunk(k, 1.0)
+                assert errno_of(os.fsync, fd) == errno.EIO, "fsync claimed chunks it could not store"
+                assert os.pread(fd, 4 * chunk * 4, 0) == bytes(model.buf[:4 * chunk * 4]), "held data lost"
+                for k in range(4, 9):  # 36 KiB written: past half the budget
+                    write_chunk(k, 2.0)
+                refused = np.full(chunk, 3.0, "f4").tobytes()
+                assert errno_of(os.pwrite, ofd, refused, 0) == errno.EIO, "write past the limit accepted"
+                drop_cache(m.path("other"))
+                assert os.pread(ofd, chunk * 4, 0) == bytes(other.buf[:chunk * 4]), "a refused write changed data"
+
+                subprocess.run(["chattr", "-i", str(cdir)], check=True)
+                pwrite_all(ofd, refused, 0)
+                other.write(0, refused)
+                os.fsync(fd)
+                os.fsync(ofd)
+            finally:
+                os.close(fd)
+                os.close(ofd)
+    finally:
+        subprocess.run(["chattr", "-i", str(cdir)], capture_output=True)
+    assert_store_equals(store, model, what="held chunks, stored once possible")
+    assert_store_equals(store, other, path="other", what="the other array")
+
+
 def test_flush_during_multi_chunk_write(zarrfs_bin, tmp_path):
     """One writer writes two rows at a time across 64 chunks whose first touch needs a decode
     (slow); another writer's pressure flush (flush of every array) runs meanwhile, stores the
