@@ -484,7 +484,8 @@ fn start_session(
             "noatime" => O::NoAtime,
             "sync" => O::Sync,
             "async" => O::Async,
-            _ => O::DirSync,
+            "dirsync" => O::DirSync,
+            _ => continue, // the finer access-time flags: fusermount3 takes none of them
         });
     }
     if settings.allow_other {

@@ -28,6 +28,13 @@ const FLAGS: &[(&str, libc::c_ulong, bool)] = &[
     ("sync", libc::MS_SYNCHRONOUS, true),
     ("async", libc::MS_SYNCHRONOUS, false),
     ("dirsync", libc::MS_DIRSYNC, true),
+    ("relatime", libc::MS_RELATIME, true),
+    ("norelatime", libc::MS_RELATIME, false),
+    ("strictatime", libc::MS_STRICTATIME, true),
+    ("nodiratime", libc::MS_NODIRATIME, true),
+    ("diratime", libc::MS_NODIRATIME, false),
+    ("lazytime", libc::MS_LAZYTIME, true),
+    ("nolazytime", libc::MS_LAZYTIME, false),
 ];
 
 /// Names of the VFS flags `-o` accepts.
@@ -185,5 +192,7 @@ mod tests {
         let f = mount_flags(false, &["dev".into(), "suid".into(), "noatime".into()]);
         assert_eq!(f & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_RDONLY), 0);
         assert_ne!(f & libc::MS_NOATIME, 0);
+        let f = mount_flags(true, &["relatime".into(), "nodiratime".into()]); // an fstab line's usual flags
+        assert_eq!(f & (libc::MS_RELATIME | libc::MS_NODIRATIME), libc::MS_RELATIME | libc::MS_NODIRATIME);
     }
 }

@@ -12,7 +12,7 @@ an installed binary.
 
 Usage: mount_helper_inner.py MODE STORE MOUNTPOINT BINDIR ARRAY_PATH [FSTAB]
   MODE "type":  mount -t fuse.zarrfs STORE MNT -o ro,cache_size=64M
-  MODE "fstab": mount -T FSTAB MNT     (FSTAB has "STORE MNT fuse.zarrfs ro,cache_size=64M 0 0")
+  MODE "fstab": mount -T FSTAB MNT     (FSTAB has "STORE MNT fuse.zarrfs ro,relatime,nodiratime,nofail,cache_size=64M 0 0")
 Then: compare ARRAY_PATH against zarr, `umount MNT`, and check the daemon exits.
 Exit status 0 = pass; otherwise the failure is printed on stderr.
 """

@@ -57,6 +57,6 @@ def test_mount_type_fuse_zarrfs(helper_setup):
 def test_fstab_line(helper_setup, tmp_path):
     store, mp, bindir = helper_setup
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"# test fstab\n{real_path(store)} {real_path(mp)} fuse.zarrfs ro,cache_size=64M 0 0\n")
+    fstab.write_text(f"# test fstab\n{real_path(store)} {real_path(mp)} fuse.zarrfs ro,relatime,nodiratime,nofail,cache_size=64M 0 0\n")
     r = _run_inner("fstab", real_path(store), real_path(mp), bindir, "data", fstab)
     assert r.returncode == 0, f"mount -T {fstab} {mp}: {r.stderr.strip()}\n{r.stdout}"
