@@ -356,6 +356,12 @@ fn termination_signals() -> libc::sigset_t {
 }
 
 fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_fd: Option<RawFd>) -> Result<(), String> {
+    // Where a detached daemon's output goes, opened before anything is mounted: a log file
+    // that cannot be opened fails the mount command, not the daemon after it said "ready".
+    let log_target = match ready_fd {
+        Some(_) => Some(open_log_target(settings.log_file.as_deref())?),
+        None => None,
+    };
     // Before any thread exists, so that every thread inherits the mask.
     let signals = termination_signals();
     // SAFETY: setting this thread's mask with a valid set.
@@ -411,7 +417,7 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         fs.set_invalidator(zarrfs::fuse::invalidator(session.notifier()));
     }
     if let Some(fd) = ready_fd {
-        detach(fd, settings.log_file.as_deref())?;
+        detach(fd, log_target.expect("opened when there is a ready fd"));
     }
     log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
     if settings.read_write && zarrfs::remote::url_of(store_path).is_none() {
@@ -495,24 +501,30 @@ fn start_session(
     fuser::Session::new(adapter, mountpoint, &config).map_err(cannot)
 }
 
+/// The file a detached daemon writes its log to: `--log-file`, or nowhere.
+fn open_log_target(log_file: Option<&str>) -> Result<std::fs::File, String> {
+    match log_file {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("log file {path}: {}", zarrfs::source::io_reason(&e))),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| format!("/dev/null: {e}")),
+    }
+}
+
 /// The mount is live: tell the waiting parent, then let go of its terminal.
-fn detach(ready_fd: RawFd, log_file: Option<&str>) -> Result<(), String> {
+fn detach(ready_fd: RawFd, target: std::fs::File) {
     // SAFETY: the fd was handed to us by the parent for exactly this.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(ready_fd) };
     let _ = pipe.write_all(b"ready\n");
     drop(pipe);
-    let target = match log_file {
-        Some(path) => std::fs::OpenOptions::new().create(true).append(true).open(path),
-        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
-    }
-    .map_err(|e| format!("log file: {e}"))?;
     use std::os::fd::AsRawFd;
     // SAFETY: duplicating a valid fd onto the standard ones.
     unsafe {
         libc::dup2(target.as_raw_fd(), 1);
         libc::dup2(target.as_raw_fd(), 2);
     }
-    Ok(())
 }
 
 /// Files of a store whose root is an array are named after the store: `temp.zarr` → `temp`.

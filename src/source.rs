@@ -227,7 +227,8 @@ fn node_zarr_format(metadata: &NodeMetadata) -> u8 {
     }
 }
 
-fn io_reason(e: &std::io::Error) -> String {
+/// An I/O error in the words a one-line message uses.
+pub fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => "no such file or directory".into(),
         std::io::ErrorKind::PermissionDenied => "permission denied".into(),

@@ -152,6 +152,21 @@ def test_mount_fails_cleanly(zarrfs_bin, tmp_path, guard_paths, setup):
     assert wait_until(lambda: not zarrfs_pids(str(mp), str(store)), 3), "a zarrfs process survived the failure"
 
 
+def test_mount_fails_cleanly_when_the_log_file_cannot_be_opened(zarrfs_bin, tmp_path, guard_paths):
+    """The daemon opens --log-file before it mounts: an unusable one fails `zarrfs mount` with
+    one line, instead of a daemon that said "ready" dying and leaving a dead mount."""
+    store, mp = _valid_store(tmp_path), tmp_path / "mnt"
+    mp.mkdir()
+    guard_paths.append(str(mp))
+    log = tmp_path / "no-such-dir" / "zarrfs.log"
+    before = proc_mounts()
+    r = run_zarrfs("mount", store, mp, "--log-file", log)
+    assert_one_line_error(r, log)
+    assert r.returncode == 1, f"exit code {r.returncode} (contract: 1)"
+    assert proc_mounts() == before, "mounted although the log file could not be opened"
+    assert wait_until(lambda: not zarrfs_pids(str(mp), str(store)), 3), "a zarrfs process survived the failure"
+
+
 def test_mount_fails_when_mountpoint_already_mounted(mount_factory, tmp_path):
     first = mount_factory(_valid_store(tmp_path))
     other = tmp_path / "other.zarr"
