@@ -101,7 +101,8 @@ const VERSION_SUFFIX: &str = "-v";
 
 impl DiskCache {
     /// Open (creating if needed) the cache directory `dir`, bounded to `bound` bytes of disk,
-    /// for the store named `namespace`. Recounts the directory and trims it to the bound.
+    /// for the store whose keys are named absolutely by `namespace` + key (see
+    /// `RemoteStorage::cache_namespace`). Recounts the directory and trims it to the bound.
     pub fn open(
         inner: ReadableListableStorage,
         dir: &Path,
@@ -158,7 +159,7 @@ impl DiskCache {
 
     /// The part of the file names of `key`'s entries that names the key.
     fn key_name(&self, key: &StoreKey) -> String {
-        hash_name(&format!("{}\n{}", self.namespace, key.as_str()))
+        hash_name(&format!("{}{}", self.namespace, key.as_str()))
     }
 
     /// The entry of `key`'s byte range `range` at `version` (not [`Version::Unknown`]).
@@ -169,7 +170,7 @@ impl DiskCache {
             ByteRange::FromStart(start, Some(len)) => format!("{start}+{len}"),
             ByteRange::Suffix(len) => format!("-{len}"),
         };
-        let mut identity = format!("{}\n{}\n{}", self.namespace, key.as_str(), range);
+        let mut identity = format!("{}{}\n{}", self.namespace, key.as_str(), range);
         if let Version::Tag(tag) = version {
             identity.push('\n');
             identity.push_str(tag);
@@ -182,7 +183,7 @@ impl DiskCache {
     fn version_slot(&self, key: &StoreKey) -> Slot {
         Slot {
             name: format!("{}{VERSION_SUFFIX}", self.key_name(key)),
-            identity: format!("{}\n{}\nversion", self.namespace, key.as_str()),
+            identity: format!("{}{}\nversion", self.namespace, key.as_str()),
         }
     }
 
@@ -848,7 +849,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("a/c/0", &[7u8; 10_000]);
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
@@ -864,11 +865,11 @@ mod tests {
         // A new cache on the same directory (a remount) serves without the remote.
         drop(cache);
         remote.down.store(true, Ordering::SeqCst);
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert!(cache.get(&key("a/c/1")).is_err());
         // Another store sharing the directory does not see it.
-        let other = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/y").unwrap();
+        let other = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/y/").unwrap();
         assert!(other.get(&key("a/c/0")).is_err());
     }
 
@@ -877,7 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put(".zmetadata", b"{\"v\": 1}");
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "http://h/x").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "http://h/x/").unwrap();
         assert_eq!(
             &cache.get(&key(".zmetadata")).unwrap().unwrap()[..],
             b"{\"v\": 1}"
@@ -905,8 +906,8 @@ mod tests {
         for i in 0..64 {
             remote.put(&format!("c/{i}"), &vec![i as u8; 20_000]);
         }
-        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x").unwrap();
-        let second = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/").unwrap();
+        let second = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/").unwrap();
         for i in 0..64 {
             // Keep c/0 hot; two caches (two daemons) insert into the same directory.
             assert_eq!(cache.get(&key("c/0")).unwrap().unwrap()[0], 0);
@@ -927,7 +928,7 @@ mod tests {
         );
         // Reopening with a smaller bound trims the directory.
         drop((cache, second));
-        let _small = DiskCache::open(remote.clone(), dir.path(), 64 << 10, "s3://b/x").unwrap();
+        let _small = DiskCache::open(remote.clone(), dir.path(), 64 << 10, "s3://b/x/").unwrap();
         assert!(du(dir.path()) <= 64 << 10);
     }
 
@@ -936,7 +937,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("c/0", b"good");
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         let slot = cache.slot(
             &key("c/0"),
             &ByteRange::FromStart(0, None),
@@ -968,11 +969,11 @@ mod tests {
         let remote = Flaky::new();
         remote.put("a/c/0", &[1u8; 1000]);
         remote.put("a/c/1", &[2u8; 1000]);
-        let writer = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x")
+        let writer = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/")
             .unwrap()
             .with_writer(remote.clone());
         // Another daemon sharing the directory, read-only.
-        let reader = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        let reader = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         assert_eq!(reader.get(&key("a/c/0")).unwrap().unwrap()[0], 1);
         // Byte ranges cached on their own, as shard reads do.
         let tail = reader
@@ -1004,7 +1005,7 @@ mod tests {
         // A remount serves the new version without the remote.
         drop((writer, reader));
         remote.down.store(true, Ordering::SeqCst);
-        let again = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x").unwrap();
+        let again = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         assert_eq!(&again.get(&key("a/c/1")).unwrap().unwrap()[..], &[3u8; 500]);
         assert!(
             again.get(&key("a/c/0")).is_err(),
@@ -1017,7 +1018,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("c/0", b"old");
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x")
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/")
             .unwrap()
             .with_writer(remote.clone());
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"old");
@@ -1035,7 +1036,7 @@ mod tests {
         let bound = 128 << 10;
         let remote = Flaky::new();
         remote.put("hot/0", &[9u8; 20_000]);
-        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x")
+        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/")
             .unwrap()
             .with_writer(remote.clone());
         // An entry of the original version, then a write: two versions on disk.

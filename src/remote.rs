@@ -155,7 +155,7 @@ pub fn open_url(url: &str, settings: &RemoteSettings, writable: bool) -> Result<
     let mut write: Option<WritableStorage> = if writable { Some(remote.clone()) } else { None };
     let mut storage: ReadableListableStorage = remote.clone();
     if let Some(dir) = &settings.disk_cache {
-        let mut cache = DiskCache::open(storage, dir, settings.disk_cache_bytes, url)
+        let mut cache = DiskCache::open(storage, dir, settings.disk_cache_bytes, &remote.cache_namespace)
             .map_err(|e| err(format!("disk cache {}: {e}", dir.display())))?;
         if let Some(remote) = write.take() {
             cache = cache.with_writer(remote);
@@ -239,6 +239,11 @@ pub struct RemoteStorage {
     pub listable: bool,
     /// Last modification of the root metadata, noted when it is fetched: the files' times.
     root_modified: Mutex<Option<SystemTime>>,
+    /// What names this store's objects absolutely, before their keys: the server (S3 endpoint
+    /// or region, or HTTP origin), the bucket and the path. Disk-cache entries are named by it,
+    /// so two servers never share entries, and a store mounted at a group's URL shares them
+    /// with a mount of the whole store.
+    cache_namespace: String,
 }
 
 /// The metadata documents at the root of a store.
@@ -292,7 +297,7 @@ impl RemoteStorage {
                 .as_millis()
                 .max(1)
         );
-        let (store, listable): (Arc<dyn ObjectStore>, bool) = match parse_target(url)? {
+        let (store, listable, cache_namespace): (Arc<dyn ObjectStore>, bool, String) = match parse_target(url)? {
             Target::S3 { bucket, prefix } => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
                 let mut builder = AmazonS3Builder::from_env();
@@ -302,6 +307,12 @@ impl RemoteStorage {
                         builder = builder.with_config(key, value);
                     }
                 }
+                let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint).unwrap_or_else(|| {
+                    let region = builder.get_config_value(&AmazonS3ConfigKey::Region);
+                    format!("aws:{}", region.as_deref().unwrap_or("us-east-1"))
+                });
+                let within = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+                let cache_namespace = format!("s3 {}\n{bucket}/{within}", endpoint.trim_end_matches('/'));
                 let s3 = builder
                     .with_bucket_name(bucket)
                     .with_config(
@@ -316,15 +327,17 @@ impl RemoteStorage {
                     .build()
                     .map_err(|e| one_line(&e.to_string()))?;
                 if prefix.is_empty() {
-                    (Arc::new(s3), true)
+                    (Arc::new(s3), true, cache_namespace)
                 } else {
                     (
                         Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str())),
                         true,
+                        cache_namespace,
                     )
                 }
             }
             Target::Http { url } => {
+                let cache_namespace = format!("{url}/");
                 let http = object_store::http::HttpBuilder::new()
                     .with_url(url)
                     .with_config(ClientConfigKey::AllowHttp, "true")
@@ -333,7 +346,7 @@ impl RemoteStorage {
                     .with_retry(retry)
                     .build()
                     .map_err(|e| one_line(&e.to_string()))?;
-                (Arc::new(http), false)
+                (Arc::new(http), false, cache_namespace)
             }
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -347,6 +360,7 @@ impl RemoteStorage {
             runtime: Arc::new(runtime),
             listable,
             root_modified: Mutex::new(None),
+            cache_namespace,
         })
     }
 
@@ -769,6 +783,16 @@ mod tests {
     use super::*;
     use zarrs::storage::store::MemoryStore;
     use zarrs::storage::WritableStorageTraits;
+
+    /// Disk-cache entries name objects absolutely: a mount of a group's URL and a mount of the
+    /// whole store name the same object alike, two servers never alike.
+    #[test]
+    fn cache_namespaces_name_objects_absolutely() {
+        let settings = RemoteSettings::default();
+        let name = |url: &str, key: &str| format!("{}{key}", RemoteStorage::connect(url, &settings).unwrap().cache_namespace);
+        assert_eq!(name("http://h:1/x.zarr", "grp/a/c/0"), name("http://h:1/x.zarr/grp/", "a/c/0"));
+        assert_ne!(name("http://h:1/x.zarr", "a/c/0"), name("http://h:2/x.zarr", "a/c/0"));
+    }
 
     #[test]
     fn durations() {
