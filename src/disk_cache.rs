@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -50,7 +50,10 @@ use zarrs::storage::{
     WritableStorage, WritableStorageTraits,
 };
 
-const MAGIC: &[u8; 6] = b"ZFSC1\n";
+/// Entry format: MAGIC, identity length (u32 LE), identity, kind (u8), payload length (u64 LE),
+/// payload. The payload length tells a whole entry from one cut short (a crash, a full disk):
+/// such an entry is a miss, and is replaced when the object is fetched again.
+const MAGIC: &[u8; 6] = b"ZFSC2\n";
 const PRESENT: u8 = 1;
 const ABSENT: u8 = 0;
 /// Unit in which files occupy disk space (at least; real allocations are checked too).
@@ -190,16 +193,12 @@ impl DiskCache {
     /// The current version of `key`; refreshes the recency of its version record.
     fn version(&self, key: &StoreKey) -> Version {
         let slot = self.version_slot(key);
-        let mut file = match File::open(self.objects.join(&slot.name)) {
+        let file = match File::open(self.objects.join(&slot.name)) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Version::Original,
             Err(_) => return Version::Unknown,
         };
-        let mut data = Vec::new();
-        if file.read_to_end(&mut data).is_err() {
-            return Version::Unknown;
-        }
-        match decode_entry(&data, &slot.identity) {
+        match read_entry(&file, &slot.identity, None) {
             Some(Entry::Present(tag)) => {
                 let _ = file.set_modified(SystemTime::now());
                 Version::Tag(String::from_utf8_lossy(&tag).into_owned())
@@ -259,10 +258,13 @@ impl DiskCache {
 
     /// The entry in `slot`, if the cache has a valid one; refreshes its recency.
     fn lookup(&self, slot: &Slot) -> Option<Entry> {
-        let mut file = File::open(self.objects.join(&slot.name)).ok()?;
-        let mut data = Vec::new();
-        file.read_to_end(&mut data).ok()?;
-        let entry = decode_entry(&data, &slot.identity)?;
+        self.lookup_range(slot, None)
+    }
+
+    /// Like [`lookup`](Self::lookup), but reads only `range` of a present entry's payload.
+    fn lookup_range(&self, slot: &Slot, range: Option<&ByteRange>) -> Option<Entry> {
+        let file = File::open(self.objects.join(&slot.name)).ok()?;
+        let entry = read_entry(&file, &slot.identity, range)?;
         let _ = file.set_modified(SystemTime::now());
         Some(entry)
     }
@@ -275,7 +277,7 @@ impl DiskCache {
             Entry::Present(b) => b,
             Entry::Absent => &[],
         };
-        let mut data = Vec::with_capacity(MAGIC.len() + 5 + identity.len() + 1 + payload.len());
+        let mut data = Vec::with_capacity(MAGIC.len() + 4 + identity.len() + 1 + 8 + payload.len());
         data.extend_from_slice(MAGIC);
         data.extend_from_slice(&(identity.len() as u32).to_le_bytes());
         data.extend_from_slice(identity.as_bytes());
@@ -284,6 +286,7 @@ impl DiskCache {
         } else {
             ABSENT
         });
+        data.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         data.extend_from_slice(payload);
         let cost = cost_of_len(data.len() as u64);
         if cost > self.bound {
@@ -436,21 +439,15 @@ impl DiskCache {
             return self.get_uncached(key, ranges);
         }
         let mut out: Vec<Option<Bytes>> = Vec::with_capacity(ranges.len());
-        let mut whole: Option<Option<Bytes>> = None;
+        let whole = self.slot(key, &ByteRange::FromStart(0, None), &version);
         for range in &ranges {
             let hit = match self.lookup(&self.slot(key, range, &version)) {
                 Some(Entry::Present(b)) => Some(b),
-                _ => {
-                    // A byte range of an object cached whole.
-                    let all = whole.get_or_insert_with(|| {
-                        let slot = self.slot(key, &ByteRange::FromStart(0, None), &version);
-                        match self.lookup(&slot) {
-                            Some(Entry::Present(b)) => Some(b),
-                            _ => None,
-                        }
-                    });
-                    all.as_ref().and_then(|b| slice_range(b, range))
-                }
+                // A byte range of an object cached whole: read just that range.
+                _ => match self.lookup_range(&whole, Some(range)) {
+                    Some(Entry::Present(b)) => Some(b),
+                    _ => None,
+                },
             };
             out.push(hit);
         }
@@ -596,28 +593,52 @@ fn hash_name(text: &str) -> String {
     format!("{:016x}{:016x}", fnv64(text, FNV_A), fnv64(text, FNV_B))
 }
 
-fn decode_entry(data: &[u8], identity: &str) -> Option<Entry> {
-    let rest = data.strip_prefix(MAGIC.as_slice())?;
-    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-    let rest = &rest[4..];
-    if rest.get(..len)? != identity.as_bytes() {
+/// The entry stored in `file` for `identity`, or `range` of its payload; None for another key's
+/// entry, an older format, an entry cut short, or a range outside the object.
+fn read_entry(file: &File, identity: &str, range: Option<&ByteRange>) -> Option<Entry> {
+    let size = file.metadata().ok()?.len();
+    let mut head = [0u8; MAGIC.len() + 4];
+    file.read_exact_at(&mut head, 0).ok()?;
+    if head[..MAGIC.len()] != MAGIC[..] {
         return None;
     }
-    let (&kind, payload) = rest[len..].split_first()?;
+    let id_len = u32::from_le_bytes(head[MAGIC.len()..].try_into().ok()?) as usize;
+    let mut rest = vec![0u8; id_len + 1 + 8];
+    file.read_exact_at(&mut rest, head.len() as u64).ok()?;
+    if rest[..id_len] != *identity.as_bytes() {
+        return None;
+    }
+    let kind = rest[id_len];
+    let payload_len = u64::from_le_bytes(rest[id_len + 1..].try_into().ok()?);
+    let payload_at = (head.len() + rest.len()) as u64;
+    if payload_at.checked_add(payload_len)? != size {
+        return None;
+    }
     match kind {
-        PRESENT => Some(Entry::Present(Bytes::copy_from_slice(payload))),
-        ABSENT if payload.is_empty() => Some(Entry::Absent),
+        ABSENT if payload_len == 0 && range.is_none() => Some(Entry::Absent),
+        PRESENT => {
+            let wanted = match range {
+                None => 0..payload_len,
+                Some(r) => {
+                    let fits = match r {
+                        ByteRange::FromStart(start, len) => {
+                            *start <= payload_len && len.is_none_or(|l| start + l <= payload_len)
+                        }
+                        ByteRange::Suffix(len) => *len <= payload_len,
+                    };
+                    if !fits {
+                        return None;
+                    }
+                    let r = r.to_range_usize(payload_len);
+                    r.start as u64..r.end as u64
+                }
+            };
+            let mut buf = vec![0u8; (wanted.end - wanted.start) as usize];
+            file.read_exact_at(&mut buf, payload_at + wanted.start).ok()?;
+            Some(Entry::Present(Bytes::from(buf)))
+        }
         _ => None,
     }
-}
-
-fn slice_range(all: &Bytes, range: &ByteRange) -> Option<Bytes> {
-    let size = all.len() as u64;
-    let ok = match range {
-        ByteRange::FromStart(start, len) => *start <= size && len.is_none_or(|l| start + l <= size),
-        ByteRange::Suffix(len) => *len <= size,
-    };
-    ok.then(|| all.slice(range.to_range_usize(size)))
 }
 
 fn is_metadata_key(key: &StoreKey) -> bool {
@@ -948,6 +969,17 @@ mod tests {
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"good");
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
+
+        // An entry cut short (a crash before its data reached the disk) is a miss, fetched
+        // again and replaced: it heals instead of failing every read.
+        let path = cache.objects.join(&slot.name);
+        let whole = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(whole - 2).unwrap();
+        assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"good");
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole, "replaced by a whole entry");
+        assert_eq!(&cache.get_partial(&key("c/0"), ByteRange::FromStart(1, Some(2))).unwrap().unwrap()[..], b"oo");
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 2, "a range of a whole entry is read from it");
     }
 
     /// Names in `objects/` of the entries of `k` (version record included).
