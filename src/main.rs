@@ -321,6 +321,9 @@ fn spawn_daemon() -> Result<(), String> {
     unsafe {
         command.pre_exec(move || {
             libc::setsid();
+            // Until it reports the mount live, the daemon ends with this command (Ctrl-C on a
+            // slow mount must not leave a daemon that mounts later); see `detach`.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             if libc::fcntl(write_fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -378,6 +381,34 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 
+    // SIGINT/SIGTERM/SIGHUP: before the mount exists there is nothing to undo, and the process
+    // ends at once (opening a remote store can take minutes of retries); after, it unmounts.
+    let mounted: Arc<std::sync::Mutex<Option<PathBuf>>> = Arc::default();
+    {
+        let mounted = mounted.clone();
+        let store = store_path.display().to_string();
+        std::thread::Builder::new()
+            .name("zarrfs-signals".into())
+            .spawn(move || {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: waiting on the blocked set.
+                unsafe { libc::sigwait(&signals, &mut sig) };
+                match mounted.lock().unwrap().as_ref() {
+                    Some(mp) => {
+                        log::info!("signal {sig}: unmounting {}", mp.display());
+                        if let Err(e) = mount::unmount(mp) {
+                            log::error!("unmount {}: {e}", mp.display());
+                        }
+                    }
+                    None => {
+                        eprintln!("zarrfs: {store}: stopped by signal {sig} before the mount was made");
+                        std::process::exit(1);
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+
     let store = match zarrfs::remote::url_of(store_path) {
         Some(url) => zarrfs::remote::open_url(url, &settings.remote, settings.read_write),
         None => Store::open_local(store_path, settings.read_write),
@@ -410,7 +441,12 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     }
 
     let adapter = FuseAdapter { fs: fs.clone() };
-    let session = start_session(adapter, &store_abs, &mountpoint, settings)?;
+    let session = {
+        let mut at = mounted.lock().unwrap(); // a signal now waits for the mount, then undoes it
+        let session = start_session(adapter, &store_abs, &mountpoint, settings)?;
+        *at = Some(mountpoint.clone());
+        session
+    };
     mount::set_readahead(&mountpoint, settings.readahead_kb);
     if settings.read_write {
         fs.spawn_writeback(std::time::Duration::from_secs(settings.writeback_secs));
@@ -428,19 +464,6 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
             zarrfs::source::remove_dead_temp_files(&root);
         });
     }
-    let mp = mountpoint.clone();
-    std::thread::Builder::new()
-        .name("zarrfs-signals".into())
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: waiting on the blocked set.
-            unsafe { libc::sigwait(&signals, &mut sig) };
-            log::info!("signal {sig}: unmounting {}", mp.display());
-            if let Err(e) = mount::unmount(&mp) {
-                log::error!("unmount {}: {e}", mp.display());
-            }
-        })
-        .map_err(|e| e.to_string())?;
     // Returns when the kernel ends the connection: after any unmount, ours or the user's.
     let result = session.run();
     if fs.flush_file(None).is_err() {
@@ -515,6 +538,9 @@ fn open_log_target(log_file: Option<&str>) -> Result<std::fs::File, String> {
 
 /// The mount is live: tell the waiting parent, then let go of its terminal.
 fn detach(ready_fd: RawFd, target: std::fs::File) {
+    // From now on the daemon outlives the command that started it.
+    // SAFETY: prctl with a plain integer argument.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
     // SAFETY: the fd was handed to us by the parent for exactly this.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(ready_fd) };
     let _ = pipe.write_all(b"ready\n");

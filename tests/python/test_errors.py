@@ -376,3 +376,52 @@ def test_foreground_mode(zarrfs_bin, tmp_path, sig):
         assert wait_until(lambda: not is_mounted(m.mp_real)), f"mount still present after {sig.name}"
         assert m.proc.returncode == 0, f"exit code {m.proc.returncode} after {sig.name}; log:\n" + \
             m.log_path.read_text()
+
+
+def _silent_server():
+    """A TCP port that takes connections and never answers: a mount of it hangs opening the store."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+@pytest.mark.parametrize("how", ["foreground-SIGTERM", "daemon-parent-killed"])
+def test_signal_while_opening_the_store_ends_everything(zarrfs_bin, tmp_path, guard_paths, how):
+    """A signal before the mount exists ends the daemon at once with one line (opening a remote
+    store can take minutes of retries); killing `zarrfs mount` while it waits takes the daemon it
+    started with it, so nothing mounts later behind the user's back."""
+    import select
+    import subprocess
+    import time
+    server = _silent_server()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/x.zarr"
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    guard_paths.append(str(mp))
+    args = [str(zarrfs_bin), "mount", url, str(mp), "-o", "remote_timeout=30s"]
+    if how == "foreground-SIGTERM":
+        args.insert(2, "-f")
+    err = tmp_path / "stderr"
+    try:
+        with open(err, "w") as e:
+            p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=e)
+        try:
+            # The server becomes readable once a connection waits on it: the daemon is opening
+            # the store, well past its start-up.
+            assert select.select([server], [], [], 20)[0], "the daemon never connected"
+            started = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: not zarrfs_pids(url), 10), f"still running: {zarrfs_pids(url)}"
+            assert time.monotonic() - started < 10
+            assert p.wait(10) != 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert not is_mounted(mp)
+        lines = err.read_text().strip().splitlines()
+        assert lines and lines[-1].startswith(f"zarrfs: {url}: stopped by signal"), lines
+    finally:
+        server.close()
