@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde_json::{json, Value};
@@ -206,7 +206,8 @@ impl Store {
                 }
             }
             NodeMetadata::Array(metadata) => {
-                match open_array(storage, writable, &path, metadata.clone(), mtime(&path))? {
+                let local = matches!(times, Timestamps::Local(_));
+                match open_array(storage, writable, &path, metadata.clone(), mtime(&path), local)? {
                     Ok(array) => self.arrays.push(array),
                     Err(reason) => {
                         log::warn!("{}: skipping array {path}: {reason}", self.location.display());
@@ -266,6 +267,7 @@ fn open_array(
     path: &str,
     metadata: ArrayMetadata,
     mtime: SystemTime,
+    local: bool,
 ) -> Result<Result<OpenArray, String>, String> {
     let (zarr_format, codecs, attributes, regular, fill_value) = match &metadata {
         ArrayMetadata::V3(m) => (
@@ -325,11 +327,21 @@ fn open_array(
         zarr_format,
         mtime,
     };
-    let shard_index_cache = sharded.map(|_| ArrayShardedReadableExtCache::new(&array));
+    let shard_index_cache = sharded.as_ref().map(|_| ArrayShardedReadableExtCache::new(&array));
+    // Local shards are cheap to stat: a shard replaced by another writer is noticed before its
+    // cached index is used on it (remote stores would pay a request per read for this).
+    let shard_sizes = match (&sharded, local) {
+        (Some(inner), true) => {
+            let per_shard = info.chunks.iter().zip(inner).map(|(s, i)| (s / i).max(1)).collect();
+            Some(ShardSizes { per_shard, seen: Mutex::default() })
+        }
+        _ => None,
+    };
     let zarrs_array = Arc::new(ZarrsArray {
         write: writable.map(|w| array.with_storage(w.clone())),
         array,
         shard_index_cache,
+        shard_sizes,
         shard_lock: RwLock::new(()),
         options: CodecOptions::default().with_concurrent_target(1),
     });
@@ -527,7 +539,15 @@ struct ZarrsArray {
     /// Readers of inner chunks hold it shared; storing a shard holds it exclusively, so no read
     /// pairs a cached shard index with the bytes of a newer shard.
     shard_lock: RwLock<()>,
+    /// Local sharded arrays: the size each shard had when its index was last used.
+    shard_sizes: Option<ShardSizes>,
     options: CodecOptions,
+}
+
+struct ShardSizes {
+    /// Inner chunks per shard along each axis.
+    per_shard: Vec<u64>,
+    seen: Mutex<std::collections::HashMap<Vec<u64>, Option<u64>>>,
 }
 
 /// Shard indexes cached per array before the cache is emptied: it is unbounded in zarrs and
@@ -535,6 +555,24 @@ struct ZarrsArray {
 const MAX_CACHED_SHARD_INDEXES: usize = 256;
 
 impl ZarrsArray {
+    /// If the shard holding inner chunk `chunk` changed size since its index was last used
+    /// (another writer replaced it), drop the cached indexes: the old offsets would read bytes
+    /// of neither version from the new shard.
+    fn forget_index_of_changed_shard(&self, sizes: &ShardSizes, cache: &ArrayShardedReadableExtCache, chunk: &[u64]) {
+        let shard: Vec<u64> = chunk.iter().zip(&sizes.per_shard).map(|(c, n)| c / n).collect();
+        let size = self.array.storage().size_key(&self.array.chunk_key(&shard)).ok().flatten();
+        let mut seen = sizes.seen.lock().unwrap();
+        if seen.len() > MAX_CACHED_SHARD_INDEXES {
+            seen.clear();
+            cache.clear();
+        }
+        if let Some(before) = seen.insert(shard, size) {
+            if before != size {
+                cache.clear();
+            }
+        }
+    }
+
     fn key(&self, chunk: &[u64]) -> String {
         match &self.shard_index_cache {
             None => self.array.chunk_key(chunk).to_string(),
@@ -590,6 +628,9 @@ impl ChunkDecoder for ZarrsArray {
                 let _shared = self.shard_lock.read().unwrap();
                 if cache.len() > MAX_CACHED_SHARD_INDEXES {
                     cache.clear();
+                }
+                if let Some(sizes) = &self.shard_sizes {
+                    self.forget_index_of_changed_shard(sizes, cache, chunk);
                 }
                 self.array.retrieve_subchunk_opt(cache, chunk, &self.options)
             }

@@ -507,3 +507,30 @@ def test_info_does_not_mount(zarrfs_bin, big_stores):
     r = run_zarrfs("info", big_stores[3])
     assert r.returncode == 0
     assert len([1 for _ in open("/proc/mounts")]) == before
+
+
+def test_shard_replaced_by_another_writer_reads_old_or_new_never_a_mix(mount_factory, tmp_path):
+    """A read-only mount has used a shard's index; another writer (zarr-python) replaces the
+    shard, and its inner chunks move. An inner chunk not decoded yet must read as the new data:
+    the index of a shard whose file changed is read again, not applied to the new bytes."""
+    import zarr
+    rows, width, inner, shard = 64, 1024, 8, 32  # f4: 32 KiB inner chunks, two shards
+    store = tmp_path / "sharded.zarr"
+    rng = np.random.default_rng(5)
+    old = rng.standard_normal((rows, width)).astype("f4")  # barely compressible
+    zarr.open_group(str(store), mode="w", zarr_format=3)
+    z = zarr.create_array(store=str(store), name="arr", shape=(rows, width), dtype="f4", chunks=(inner, width),
+                          shards=(shard, width), zarr_format=3)
+    z[:] = old
+    m = mount_factory(store)
+    row = width * 4
+    fd = os.open(m.path("arr"), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # one page per read: one inner chunk decoded
+        assert os.pread(fd, 4, 1 * inner * row) == old[inner, :1].tobytes()
+        new = np.tile(np.arange(width, dtype="f4"), (rows, 1)) + 7  # compresses far better: offsets move
+        zarr.open_array(str(store), path="arr", mode="r+")[:] = new
+        got = np.frombuffer(os.pread(fd, 4 * 4, 2 * inner * row), "f4")  # inner chunk 2 of shard 0
+        assert np.array_equal(got, new[2 * inner, :4]), f"read {got}, new {new[2 * inner, :4]}, old {old[2 * inner, :4]}"
+    finally:
+        os.close(fd)
