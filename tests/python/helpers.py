@@ -151,6 +151,11 @@ def run(cmd, timeout: float = CMD_TIMEOUT, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], timeout=timeout, **kw)
 
 
+def stored_bytes(directory: Path) -> int:
+    """Bytes in the files under `directory`: what `zarrfs info` calls stored."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
 def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUST_LOG")}
     env.update(extra)
@@ -466,6 +471,7 @@ def errno_of(fn, *args, **kwargs) -> int | None:
 
 
 __all__ = [
+    "stored_bytes",
     "Mount", "MountFailed", "ZARRFS_BIN", "wait_until", "proc_mounts", "mounts_at", "is_mounted",
     "pid_alive", "zarrfs_pids", "kill_and_reap", "run", "run_zarrfs", "clean_env", "force_unmount",
     "check_mounted_array", "check_preads", "pread_full", "describe_mismatch", "read_npy_header",

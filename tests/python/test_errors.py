@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -380,7 +384,6 @@ def test_foreground_mode(zarrfs_bin, tmp_path, sig):
 
 def _silent_server():
     """A TCP port that takes connections and never answers: a mount of it hangs opening the store."""
-    import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     s.listen(16)
@@ -392,9 +395,6 @@ def test_signal_while_opening_the_store_ends_everything(zarrfs_bin, tmp_path, gu
     """A signal before the mount exists ends the daemon at once with one line (opening a remote
     store can take minutes of retries); killing `zarrfs mount` while it waits takes the daemon it
     started with it, so nothing mounts later behind the user's back."""
-    import select
-    import subprocess
-    import time
     server = _silent_server()
     url = f"http://127.0.0.1:{server.getsockname()[1]}/x.zarr"
     mp = tmp_path / "mnt"

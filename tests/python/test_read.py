@@ -34,6 +34,7 @@ from helpers import (
     is_mounted,
     run,
     run_zarrfs,
+    stored_bytes,
     wait_until,
 )
 
@@ -469,17 +470,12 @@ def test_info_json(zarrfs_bin, big_stores, fmt):
         assert a["shape"] == list(c.shape), p
         assert a["chunks"] in chunk_shape_options(meta), (p, a["chunks"])
         assert a["nbytes"] == c.nbytes, p
-        assert a["stored_bytes"] == du_apparent(Path(store) / c.path), p
+        assert a["stored_bytes"] == stored_bytes(Path(store) / c.path), p
         assert fill_equal(a["fill_value"], meta["fill_value"], c.native_dtype), (p, a["fill_value"])
         assert "codecs" in a, p
     skipped = {s["path"]: s for s in info["skipped"]}
     assert sorted(skipped) == ["/text/names"]
     assert isinstance(skipped["/text/names"]["reason"], str) and skipped["/text/names"]["reason"]
-
-
-def du_apparent(directory: Path) -> int:
-    """Bytes in the files under `directory` (what `zarrfs info` calls stored)."""
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def test_info_survives_closed_stdout(zarrfs_bin, big_stores):

@@ -31,6 +31,7 @@ from helpers import (
     is_mounted,
     pread_full,
     run_zarrfs,
+    stored_bytes,
     wait_until,
     zarrfs_pids,
 )
@@ -251,7 +252,7 @@ def test_info_over_s3_sums_the_listing(s3, www):
     assert r.returncode == 0, r.stderr
     for a in json.loads(r.stdout)["arrays"]:
         local = www / "plain_v3.zarr" / a["path"].lstrip("/")
-        assert a["stored_bytes"] == sum(p.stat().st_size for p in local.rglob("*") if p.is_file()), a["path"]
+        assert a["stored_bytes"] == stored_bytes(local), a["path"]
 
 
 # --------------------------------------------------------------------------
