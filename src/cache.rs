@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use lru::LruCache;
 
-use crate::source::DecodeError;
+use crate::source::ChunkError;
 
 /// A decoded chunk: (array number, chunk's linear index in its grid).
 pub type ChunkKey = (u32, u64);
@@ -56,7 +56,7 @@ pub enum Claim {
 /// One decode in progress; late arrivals wait on `done`.
 #[derive(Default)]
 pub struct Flight {
-    result: Mutex<Option<Result<Chunk, DecodeError>>>,
+    result: Mutex<Option<Result<Chunk, ChunkError>>>,
     done: Condvar,
     /// Set when newer contents were put for the key while this decode ran (a write-back):
     /// the decode read the old bytes and must not be cached over the new ones.
@@ -77,7 +77,7 @@ impl Drop for Decoding<'_> {
 
 impl Flight {
     /// Block until the leader has a result.
-    pub fn wait(&self) -> Result<Chunk, DecodeError> {
+    pub fn wait(&self) -> Result<Chunk, ChunkError> {
         let mut result = self.result.lock().unwrap();
         while result.is_none() {
             result = self.done.wait(result).unwrap();
@@ -183,8 +183,8 @@ impl ChunkCache {
         &self,
         key: ChunkKey,
         expected: u64,
-        load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
-    ) -> Result<Chunk, DecodeError> {
+        load: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Chunk, ChunkError> {
         match self.claim(key) {
             Claim::Hit(chunk) => Ok(chunk),
             Claim::Wait(flight) => flight.wait(),
@@ -202,8 +202,8 @@ impl ChunkCache {
         key: ChunkKey,
         flight: &Flight,
         expected: u64,
-        load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
-    ) -> Result<Chunk, DecodeError> {
+        load: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Chunk, ChunkError> {
         {
             let mut inner = self.inner.lock().unwrap();
             loop {
@@ -228,14 +228,12 @@ impl ChunkCache {
         &self,
         key: ChunkKey,
         flight: &Flight,
-        load: impl FnOnce() -> Result<Vec<u8>, DecodeError>,
-    ) -> Result<Chunk, DecodeError> {
+        load: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
+    ) -> Result<Chunk, ChunkError> {
         let started = Instant::now();
         // A panicking codec must not leave waiters blocked forever.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
-            .unwrap_or_else(|_| {
-                Err(DecodeError { key: format!("{key:?}"), reason: "decoder panicked".into() })
-            })
+            .unwrap_or_else(|_| Err(ChunkError::Decode { key: format!("{key:?}"), reason: "decoder panicked".into() }))
             .map(Arc::new);
         self.stats.decode_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match &result {
@@ -315,7 +313,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::Barrier;
 
-    fn chunk(n: usize, v: u8) -> Result<Vec<u8>, DecodeError> {
+    fn chunk(n: usize, v: u8) -> Result<Vec<u8>, ChunkError> {
         Ok(vec![v; n])
     }
 
@@ -353,7 +351,7 @@ mod tests {
     #[test]
     fn errors_are_shared_but_not_cached() {
         let cache = ChunkCache::new(100);
-        let bad = || Err(DecodeError { key: "c/0".into(), reason: "corrupt".into() });
+        let bad = || Err(ChunkError::Decode { key: "c/0".into(), reason: "corrupt".into() });
         assert!(cache.get_or_load((0, 0), 0, bad).is_err());
         assert!(cache.get_or_load((0, 0), 0, || chunk(4, 1)).is_ok());
         assert_eq!(cache.snapshot().decode_errors, 1);

@@ -57,9 +57,7 @@ pub struct Piece {
 }
 
 fn checked_product(values: &[u64], itemsize: u64) -> Option<u64> {
-    values
-        .iter()
-        .try_fold(itemsize, |acc, &v| acc.checked_mul(v))
+    values.iter().try_fold(itemsize, |acc, &v| acc.checked_mul(v))
 }
 
 impl ChunkLayout {
@@ -68,9 +66,7 @@ impl ChunkLayout {
     /// method use plain arithmetic: all offsets are bounded by `file_size` or `chunk_bytes`.
     pub fn new(shape: &[u64], chunk_shape: &[u64], itemsize: u64) -> Result<Self, String> {
         if shape.len() != chunk_shape.len() {
-            return Err(format!(
-                "shape {shape:?} and chunk shape {chunk_shape:?} have different ranks"
-            ));
+            return Err(format!("shape {shape:?} and chunk shape {chunk_shape:?} have different ranks"));
         }
         if chunk_shape.contains(&0) {
             return Err(format!("chunk shape {chunk_shape:?} has a zero dimension"));
@@ -83,11 +79,7 @@ impl ChunkLayout {
         let chunk_bytes = checked_product(chunk_shape, itemsize)
             .ok_or_else(|| format!("chunk {chunk_shape:?} x {itemsize} bytes overflows u64"))?;
         // Ceiling division that cannot overflow even for extents near u64::MAX.
-        let grid_shape = shape
-            .iter()
-            .zip(chunk_shape)
-            .map(|(&s, &c)| s / c + u64::from(s % c != 0))
-            .collect();
+        let grid_shape = shape.iter().zip(chunk_shape).map(|(&s, &c)| s / c + u64::from(s % c != 0)).collect();
 
         let mut layout = ChunkLayout {
             shape: shape.to_vec(),
@@ -128,13 +120,7 @@ impl ChunkLayout {
                     outer.extent *= extent;
                     outer.chunk *= chunk;
                 }
-                _ => dims.push(Dim {
-                    extent,
-                    chunk,
-                    file_stride: 0,
-                    chunk_stride: 0,
-                    orig,
-                }),
+                _ => dims.push(Dim { extent, chunk, file_stride: 0, chunk_stride: 0, orig }),
             }
         }
         let (mut file_stride, mut chunk_stride) = (1u64, 1u64);
@@ -188,10 +174,7 @@ impl ChunkLayout {
     pub fn chunk_linear(&self, chunk: &[u64]) -> u64 {
         assert_eq!(chunk.len(), self.grid_shape.len(), "chunk index rank");
         debug_assert!(chunk.iter().zip(&self.grid_shape).all(|(c, g)| c < g));
-        chunk
-            .iter()
-            .zip(&self.grid_shape)
-            .fold(0, |acc, (&c, &g)| acc * g + c)
+        chunk.iter().zip(&self.grid_shape).fold(0, |acc, (&c, &g)| acc * g + c)
     }
 
     /// Inverse of [`chunk_linear`](Self::chunk_linear).
@@ -252,36 +235,20 @@ impl ChunkLayout {
         let mut at = start;
         loop {
             // A run stops at the end of the chunk row, the end of the array row, or the range.
-            let run = (inner.chunk - within[n - 1])
-                .min(inner.extent - pos[n - 1])
-                .min(end - at);
-            let chunk_offset: u64 = self
-                .dims
-                .iter()
-                .zip(&within)
-                .map(|(d, w)| w * d.chunk_stride)
-                .sum();
+            let run = (inner.chunk - within[n - 1]).min(inner.extent - pos[n - 1]).min(end - at);
+            let chunk_offset: u64 = self.dims.iter().zip(&within).map(|(d, w)| w * d.chunk_stride).sum();
             let out_offset = at - start;
             // With collapsed dimensions consecutive runs are never mergeable (the next run is in
             // another chunk or past the padding), but merging keeps the contract independent of
             // that argument and costs only a comparison.
             let merge = out.last().is_some_and(|last| {
                 last.chunk_offset + last.len == chunk_offset
-                    && self
-                        .dims
-                        .iter()
-                        .zip(&grid)
-                        .all(|(d, g)| d.orig.is_none_or(|o| last.chunk[o] == *g))
+                    && self.dims.iter().zip(&grid).all(|(d, g)| d.orig.is_none_or(|o| last.chunk[o] == *g))
             });
             if merge {
                 out.last_mut().unwrap().len += run;
             } else {
-                out.push(Piece {
-                    chunk: self.original_chunk(&grid),
-                    chunk_offset,
-                    out_offset,
-                    len: run,
-                });
+                out.push(Piece { chunk: self.original_chunk(&grid), chunk_offset, out_offset, len: run });
             }
 
             at += run;
@@ -317,9 +284,7 @@ impl ChunkLayout {
     fn run_estimate(&self, len: u64) -> usize {
         let inner = &self.dims[self.dims.len() - 1];
         let step = inner.chunk.min(inner.extent).max(1);
-        usize::try_from(len / step + 2)
-            .unwrap_or(usize::MAX)
-            .min(1 << 20)
+        usize::try_from(len / step + 2).unwrap_or(usize::MAX).min(1 << 20)
     }
 
     /// The chunks (grid indices, in order of first appearance) that bytes [offset, offset+len)
@@ -350,9 +315,7 @@ impl ChunkLayout {
         let mut hi = vec![0; n];
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        self.boxes(&first, &last, 0, &mut lo, &mut hi, &mut |lo, hi| {
-            self.box_chunks(lo, hi, &mut seen, &mut out)
-        });
+        self.boxes(&first, &last, 0, &mut lo, &mut hi, &mut |lo, hi| self.box_chunks(lo, hi, &mut seen, &mut out));
         out
     }
 
@@ -442,10 +405,7 @@ impl ChunkLayout {
     /// (possible when chunks far exceed the array in several dimensions); no cache is that big,
     /// so the answer "more than you can have" is still the right one.
     pub fn stripe_bytes(&self) -> u64 {
-        self.grid_shape
-            .iter()
-            .skip(1)
-            .fold(self.chunk_bytes, |acc, &g| acc.saturating_mul(g))
+        self.grid_shape.iter().skip(1).fold(self.chunk_bytes, |acc, &g| acc.saturating_mul(g))
     }
 }
 
@@ -459,12 +419,7 @@ mod tests {
     }
 
     fn piece(chunk: &[u64], chunk_offset: u64, out_offset: u64, len: u64) -> Piece {
-        Piece {
-            chunk: chunk.to_vec(),
-            chunk_offset,
-            out_offset,
-            len,
-        }
+        Piece { chunk: chunk.to_vec(), chunk_offset, out_offset, len }
     }
 
     fn unravel(mut linear: u64, shape: &[u64]) -> Vec<u64> {
@@ -477,10 +432,7 @@ mod tests {
     }
 
     fn ravel(coords: &[u64], shape: &[u64]) -> u64 {
-        coords
-            .iter()
-            .zip(shape)
-            .fold(0, |acc, (&c, &s)| acc * s + c)
+        coords.iter().zip(shape).fold(0, |acc, (&c, &s)| acc * s + c)
     }
 
     /// Byte-by-byte reference: for each file byte, which chunk (linear) and which byte of that
@@ -491,20 +443,9 @@ mod tests {
         (offset..end.max(offset))
             .map(|p| {
                 let coords = unravel(p / isz, l.shape());
-                let g: Vec<u64> = coords
-                    .iter()
-                    .zip(l.chunk_shape())
-                    .map(|(x, c)| x / c)
-                    .collect();
-                let w: Vec<u64> = coords
-                    .iter()
-                    .zip(l.chunk_shape())
-                    .map(|(x, c)| x % c)
-                    .collect();
-                (
-                    l.chunk_linear(&g),
-                    ravel(&w, l.chunk_shape()) * isz + p % isz,
-                )
+                let g: Vec<u64> = coords.iter().zip(l.chunk_shape()).map(|(x, c)| x / c).collect();
+                let w: Vec<u64> = coords.iter().zip(l.chunk_shape()).map(|(x, c)| x % c).collect();
+                (l.chunk_linear(&g), ravel(&w, l.chunk_shape()) * isz + p % isz)
             })
             .collect()
     }
@@ -536,22 +477,14 @@ mod tests {
             // Every byte read lies inside the array, never in edge-chunk padding.
             for j in [0, p.len - 1] {
                 let w = unravel((p.chunk_offset + j) / isz, l.chunk_shape());
-                for ((g, w), (c, s)) in p
-                    .chunk
-                    .iter()
-                    .zip(&w)
-                    .zip(l.chunk_shape().iter().zip(l.shape()))
-                {
+                for ((g, w), (c, s)) in p.chunk.iter().zip(&w).zip(l.chunk_shape().iter().zip(l.shape())) {
                     assert!(g * c + w < *s, "padding read in {p:?}");
                 }
             }
             if i > 0 {
                 let q = &ps[i - 1];
                 assert_eq!(q.out_offset + q.len, p.out_offset);
-                assert!(
-                    !(q.chunk == p.chunk && q.chunk_offset + q.len == p.chunk_offset),
-                    "unmerged {q:?} {p:?}"
-                );
+                assert!(!(q.chunk == p.chunk && q.chunk_offset + q.len == p.chunk_offset), "unmerged {q:?} {p:?}");
             }
         }
 
@@ -570,18 +503,8 @@ mod tests {
         assert_eq!(l.file_size(), 20);
         assert_eq!(l.chunk_bytes(), 8);
         assert_eq!(l.grid_shape(), vec![3]);
-        assert_eq!(
-            l.pieces(0, 100),
-            vec![
-                piece(&[0], 0, 0, 8),
-                piece(&[1], 0, 8, 8),
-                piece(&[2], 0, 16, 4)
-            ]
-        );
-        assert_eq!(
-            l.pieces(6, 4),
-            vec![piece(&[0], 6, 0, 2), piece(&[1], 0, 2, 2)]
-        );
+        assert_eq!(l.pieces(0, 100), vec![piece(&[0], 0, 0, 8), piece(&[1], 0, 8, 8), piece(&[2], 0, 16, 4)]);
+        assert_eq!(l.pieces(6, 4), vec![piece(&[0], 6, 0, 2), piece(&[1], 0, 2, 2)]);
         assert_eq!(l.pieces(20, 5), vec![]);
         assert_eq!(l.pieces(u64::MAX, u64::MAX), vec![]);
         assert_eq!(l.chunks_touched(6, 4), vec![vec![0], vec![1]]);
@@ -605,10 +528,7 @@ mod tests {
                 piece(&[1, 0], 0, 7, 2), // (2,0..2)
             ]
         );
-        assert_eq!(
-            l.chunks_touched(3, 9),
-            vec![vec![0, 1], vec![0, 2], vec![0, 0], vec![1, 0]]
-        );
+        assert_eq!(l.chunks_touched(3, 9), vec![vec![0, 1], vec![0, 2], vec![0, 0], vec![1, 0]]);
         assert_eq!(l.stripe_bytes(), 3 * 4);
         for off in 0..16 {
             for len in 0..17 {
@@ -621,14 +541,7 @@ mod tests {
     fn mid_element_start() {
         let l = layout(&[2, 3], &[2, 2], 4);
         // Byte 6 is the middle of element (0,1); the run ends at the chunk column boundary.
-        assert_eq!(
-            l.pieces(6, 8),
-            vec![
-                piece(&[0, 0], 6, 0, 2),
-                piece(&[0, 1], 0, 2, 4),
-                piece(&[0, 0], 8, 6, 2)
-            ]
-        );
+        assert_eq!(l.pieces(6, 8), vec![piece(&[0, 0], 6, 0, 2), piece(&[0, 1], 0, 2, 4), piece(&[0, 0], 8, 6, 2)]);
         check_all(&l, 6, 8);
         check_all(&l, 1, 22);
     }
@@ -717,22 +630,13 @@ mod tests {
     fn arb_case() -> impl Strategy<Value = (Vec<u64>, Vec<u64>, u64, u64, u64)> {
         (1usize..=5)
             .prop_flat_map(|rank| {
-                (
-                    prop::collection::vec((0u64..=6, 1u64..=7), rank),
-                    prop::sample::select(vec![1u64, 2, 4, 8, 16]),
-                )
+                (prop::collection::vec((0u64..=6, 1u64..=7), rank), prop::sample::select(vec![1u64, 2, 4, 8, 16]))
             })
             .prop_flat_map(|(dims, isz)| {
                 let shape: Vec<u64> = dims.iter().map(|d| d.0).collect();
                 let chunk: Vec<u64> = dims.iter().map(|d| d.1).collect();
                 let size = shape.iter().product::<u64>() * isz;
-                (
-                    Just(shape),
-                    Just(chunk),
-                    Just(isz),
-                    0..=size + 20,
-                    0..=size + 40,
-                )
+                (Just(shape), Just(chunk), Just(isz), 0..=size + 20, 0..=size + 40)
             })
     }
 

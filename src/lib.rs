@@ -1,16 +1,14 @@
-//! zarrfs: Zarr arrays as flat, memory-mappable files.
+//! zarrfs: chunked array stores as flat, memory-mappable files.
 //!
 //! The FUSE protocol lives only in [`fuse`]; everything below it works on plain Rust types so it
-//! can be tested without a kernel.
+//! can be tested without a kernel. See `docs/architecture.md` for the module map.
 
 pub mod cache;
-pub mod disk_cache;
+pub mod cli;
 pub mod fs;
 pub mod fuse;
 pub mod layout;
 pub mod mount;
 pub mod npy;
-pub mod options;
-pub mod remote;
 pub mod source;
-pub mod writeback;
+pub mod storage;

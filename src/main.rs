@@ -11,10 +11,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+use zarrfs::cli::options::{apply_options, parse_size, MountSettings};
 use zarrfs::fs::{FsOptions, ZarrFs};
 use zarrfs::fuse::FuseAdapter;
 use zarrfs::mount;
-use zarrfs::options::{apply_options, parse_size, MountSettings};
 use zarrfs::source::Store;
 
 #[derive(Parser)]
@@ -188,7 +188,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(&args),
         Command::Create(args) => {
             let (store, path) = split_target(&args.target);
-            let spec = zarrfs::source::NewArray {
+            let spec = zarrfs::source::zarr::NewArray {
                 shape: args.shape,
                 chunks: args.chunks,
                 dtype: args.dtype,
@@ -196,7 +196,8 @@ fn main() -> ExitCode {
                 fill: args.fill,
                 zarr_format: args.zarr_format,
             };
-            zarrfs::source::create_array(&store, &path, &spec).map_err(|e| format!("{}: {e}", args.target.display()))
+            zarrfs::source::zarr::create_array(&store, &path, &spec)
+                .map_err(|e| format!("{}: {e}", args.target.display()))
         }
     };
     match result {
@@ -209,8 +210,8 @@ fn main() -> ExitCode {
 }
 
 fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
-    let store = match zarrfs::remote::url_of(store_path) {
-        Some(url) => zarrfs::remote::open_url(url, &Default::default(), false),
+    let store = match zarrfs::storage::remote::url_of(store_path) {
+        Some(url) => zarrfs::storage::remote::open_url(url, &Default::default(), false),
         None => Store::open(store_path),
     }
     .map_err(|e| e.to_string())?;
@@ -231,15 +232,15 @@ fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
                 json!({"path": i.path, "dtype": i.dtype, "shape": i.shape, "chunks": i.chunks,
                        "decode_chunks": i.decode_chunk_shape, "codecs": i.codecs,
                        "fill_value": i.fill_value, "nbytes": nbytes, "stored_bytes": stored,
-                       "zarr_format": i.zarr_format})
+                       "format": i.format.to_string(), "zarr_format": i.format.zarr_version()})
             })
             .collect();
         let skipped: Vec<_> = store.skipped.iter().map(|s| json!({"path": s.path, "reason": s.reason})).collect();
-        let doc = json!({"store": store_path, "zarr_format": store.zarr_format, "arrays": arrays, "skipped": skipped});
+        let doc = json!({"store": store_path, "format": store.format.to_string(), "zarr_format": store.format.zarr_version(), "arrays": arrays, "skipped": skipped});
         println!("{}", serde_json::to_string_pretty(&doc).expect("JSON values serialise"));
         return Ok(());
     }
-    println!("{} (Zarr v{})", store_path.display(), store.zarr_format);
+    println!("{} ({})", store_path.display(), store.format);
     println!("{:<28} {:<6} {:<20} {:<16} {:>12} {:>12}  codecs", "path", "dtype", "shape", "chunks", "size", "stored");
     for (i, nbytes, stored) in &rows {
         println!(
@@ -290,7 +291,11 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 fn mount(args: &MountArgs) -> Result<(), String> {
@@ -358,7 +363,12 @@ fn termination_signals() -> libc::sigset_t {
     }
 }
 
-fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_fd: Option<RawFd>) -> Result<(), String> {
+fn serve(
+    store_path: &Path,
+    mountpoint: &Path,
+    settings: &MountSettings,
+    ready_fd: Option<RawFd>,
+) -> Result<(), String> {
     // Where a detached daemon's output goes, opened before anything is mounted: a log file
     // that cannot be opened fails the mount command, not the daemon after it said "ready".
     let log_target = match ready_fd {
@@ -409,8 +419,8 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
             .map_err(|e| e.to_string())?;
     }
 
-    let store = match zarrfs::remote::url_of(store_path) {
-        Some(url) => zarrfs::remote::open_url(url, &settings.remote, settings.read_write),
+    let store = match zarrfs::storage::remote::url_of(store_path) {
+        Some(url) => zarrfs::storage::remote::open_url(url, &settings.remote, settings.read_write),
         None => Store::open_local(store_path, settings.read_write),
     }
     .map_err(|e| e.to_string())?;
@@ -419,7 +429,7 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
     let root_name = root_array_name(&store_abs);
     let options = FsOptions {
         cache_bytes: settings.cache_bytes,
-        decode_threads: settings.decode_threads_for(zarrfs::remote::url_of(store_path).is_some()),
+        decode_threads: settings.decode_threads_for(zarrfs::storage::remote::url_of(store_path).is_some()),
         // SAFETY: trivial libc getters.
         uid: unsafe { libc::getuid() },
         gid: unsafe { libc::getgid() },
@@ -456,12 +466,12 @@ fn serve(store_path: &Path, mountpoint: &Path, settings: &MountSettings, ready_f
         detach(fd, log_target.expect("opened when there is a ready fd"));
     }
     log::info!("mounted {} at {}", store_path.display(), mountpoint.display());
-    if settings.read_write && zarrfs::remote::url_of(store_path).is_none() {
+    if settings.read_write && zarrfs::storage::remote::url_of(store_path).is_none() {
         // A writer killed mid-write leaves its temporary chunk file behind; clear them off the
         // serving path, since a big store takes a while to walk.
         let root = store_path.to_path_buf();
         let _ = std::thread::Builder::new().name("zarrfs-sweep".into()).spawn(move || {
-            zarrfs::source::remove_dead_temp_files(&root);
+            zarrfs::source::zarr::remove_dead_temp_files(&root);
         });
     }
     // Returns when the kernel ends the connection: after any unmount, ours or the user's.
@@ -500,7 +510,8 @@ fn start_session(
     }
     use fuser::MountOption as O;
     let access = if settings.read_write { O::RW } else { O::RO };
-    let mut options = vec![O::FSName(store_abs.display().to_string()), O::Subtype("zarrfs".into()), access, O::DefaultPermissions];
+    let mut options =
+        vec![O::FSName(store_abs.display().to_string()), O::Subtype("zarrfs".into()), access, O::DefaultPermissions];
     for flag in &settings.passthrough {
         options.push(match flag.as_str() {
             "dev" => O::Dev,
@@ -531,7 +542,7 @@ fn open_log_target(log_file: Option<&str>) -> Result<std::fs::File, String> {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("log file {path}: {}", zarrfs::source::io_reason(&e))),
+            .map_err(|e| format!("log file {path}: {}", zarrfs::source::zarr::io_reason(&e))),
         None => std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| format!("/dev/null: {e}")),
     }
 }
@@ -557,7 +568,11 @@ fn detach(ready_fd: RawFd, target: std::fs::File) {
 fn root_array_name(store_abs: &Path) -> String {
     let base = store_abs.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let name = base.strip_suffix(".zarr").unwrap_or(base);
-    if name.is_empty() { "array".into() } else { name.into() }
+    if name.is_empty() {
+        "array".into()
+    } else {
+        name.into()
+    }
 }
 
 /// A size rounded up to whole MiB, as `--cache-size` takes it.

@@ -188,7 +188,10 @@ mod tests {
     #[test]
     fn flags_default_to_nosuid_nodev_and_user_flags_win() {
         let f = mount_flags(true, &[]);
-        assert_eq!(f & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_RDONLY), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_RDONLY);
+        assert_eq!(
+            f & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_RDONLY),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_RDONLY
+        );
         let f = mount_flags(false, &["dev".into(), "suid".into(), "noatime".into()]);
         assert_eq!(f & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_RDONLY), 0);
         assert_ne!(f & libc::MS_NOATIME, 0);

@@ -29,17 +29,10 @@ const GROWTH_AXIS_MAX_DIGITS: usize = 21;
 /// 64-byte boundary a whole extra 64 bytes is added. That looks wasteful but is what numpy
 /// produces.
 pub fn header(descr: &str, shape: &[u64]) -> Vec<u8> {
-    debug_assert!(
-        !descr.contains(['\'', '\\']),
-        "descr {descr:?} would need Python string escaping"
-    );
+    debug_assert!(!descr.contains(['\'', '\\']), "descr {descr:?} would need Python string escaping");
     let mut dict = String::with_capacity(128 + shape.len() * 22);
     // Keys in sorted order and values as Python's repr(), exactly as numpy formats them.
-    write!(
-        dict,
-        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ("
-    )
-    .unwrap();
+    write!(dict, "{{'descr': '{descr}', 'fortran_order': False, 'shape': (").unwrap();
     for (i, d) in shape.iter().enumerate() {
         if i > 0 {
             dict.push_str(", ");

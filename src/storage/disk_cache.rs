@@ -46,8 +46,8 @@ use std::time::SystemTime;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
     Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableListableStorage,
-    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
-    WritableStorage, WritableStorageTraits,
+    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorage,
+    WritableStorageTraits,
 };
 
 /// Entry format: MAGIC, identity length (u32 LE), identity, kind (u8), payload length (u64 LE),
@@ -106,12 +106,7 @@ impl DiskCache {
     /// Open (creating if needed) the cache directory `dir`, bounded to `bound` bytes of disk,
     /// for the store whose keys are named absolutely by `namespace` + key (see
     /// `RemoteStorage::cache_namespace`). Recounts the directory and trims it to the bound.
-    pub fn open(
-        inner: ReadableListableStorage,
-        dir: &Path,
-        bound: u64,
-        namespace: &str,
-    ) -> Result<DiskCache, String> {
+    pub fn open(inner: ReadableListableStorage, dir: &Path, bound: u64, namespace: &str) -> Result<DiskCache, String> {
         let objects = dir.join("objects");
         let tmp = dir.join("tmp");
         for d in [&objects, &tmp] {
@@ -212,14 +207,8 @@ impl DiskCache {
     /// entry of the key is removed instead.
     fn new_version(&self, key: &StoreKey) -> Version {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let tag = format!(
-            "{nanos:x}.{:x}.{:x}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tag = format!("{nanos:x}.{:x}.{:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let slot = self.version_slot(key);
         if self.insert(&slot, &Entry::Present(Bytes::from(tag.clone()))) {
             return Version::Tag(tag);
@@ -281,11 +270,7 @@ impl DiskCache {
         data.extend_from_slice(MAGIC);
         data.extend_from_slice(&(identity.len() as u32).to_le_bytes());
         data.extend_from_slice(identity.as_bytes());
-        data.push(if matches!(entry, Entry::Present(_)) {
-            PRESENT
-        } else {
-            ABSENT
-        });
+        data.push(if matches!(entry, Entry::Present(_)) { PRESENT } else { ABSENT });
         data.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         data.extend_from_slice(payload);
         let cost = cost_of_len(data.len() as u64);
@@ -293,9 +278,7 @@ impl DiskCache {
             return false; // never fits: served, not cached
         }
         let dest = self.objects.join(&slot.name);
-        let tmp = self
-            .tmp
-            .join(format!("{}.{}", slot.name, std::process::id()));
+        let tmp = self.tmp.join(format!("{}.{}", slot.name, std::process::id()));
         let guard = self.lock();
         let mut usage = guard.read_usage();
         let replaced = std::fs::metadata(&dest).map(|m| cost_of(&m)).unwrap_or(0);
@@ -328,10 +311,7 @@ impl DiskCache {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                log::warn!(
-                    "disk cache {}: cannot store an entry: {e}",
-                    self.root.display()
-                );
+                log::warn!("disk cache {}: cannot store an entry: {e}", self.root.display());
                 false
             }
         };
@@ -347,9 +327,7 @@ impl DiskCache {
         for d in [&self.root, &self.objects, &self.tmp] {
             total += dir_cost(d);
         }
-        total += std::fs::metadata(self.root.join("usage"))
-            .map(|m| cost_of(&m))
-            .unwrap_or(0);
+        total += std::fs::metadata(self.root.join("usage")).map(|m| cost_of(&m)).unwrap_or(0);
         for e in std::fs::read_dir(&self.tmp)?.flatten() {
             let _ = std::fs::remove_file(e.path()); // only ever present while its writer holds the lock
         }
@@ -358,11 +336,7 @@ impl DiskCache {
             if let Ok(m) = e.metadata() {
                 let cost = cost_of(&m);
                 total += cost;
-                entries.push((
-                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    cost,
-                    e.path(),
-                ));
+                entries.push((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), cost, e.path()));
             }
         }
         if total + room <= self.bound {
@@ -390,11 +364,7 @@ impl DiskCache {
             if gone[i] {
                 continue;
             }
-            let name = entries[i]
-                .2
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy();
+            let name = entries[i].2.file_name().unwrap_or_default().to_string_lossy();
             let victims = match name.strip_suffix(VERSION_SUFFIX) {
                 Some(key) => of_key.get(key).cloned().unwrap_or_default(),
                 None => vec![i],
@@ -408,20 +378,13 @@ impl DiskCache {
             }
         }
         if at_open || evicted > 0 {
-            log::debug!(
-                "disk cache {}: evicted {evicted} entries",
-                self.root.display()
-            );
+            log::debug!("disk cache {}: evicted {evicted} entries", self.root.display());
         }
         Ok(total)
     }
 
     /// Fetch from the remote, bypassing the cache.
-    fn get_uncached(
-        &self,
-        key: &StoreKey,
-        ranges: Vec<ByteRange>,
-    ) -> Result<Option<Vec<Bytes>>, StorageError> {
+    fn get_uncached(&self, key: &StoreKey, ranges: Vec<ByteRange>) -> Result<Option<Vec<Bytes>>, StorageError> {
         self.inner
             .get_partial_many(key, Box::new(ranges.into_iter()))?
             .map(|parts| parts.collect::<Result<Vec<Bytes>, _>>())
@@ -429,11 +392,7 @@ impl DiskCache {
     }
 
     /// Chunks: cache first; what is missing is fetched in one call and stored.
-    fn get_cached_first(
-        &self,
-        key: &StoreKey,
-        ranges: Vec<ByteRange>,
-    ) -> Result<Option<Vec<Bytes>>, StorageError> {
+    fn get_cached_first(&self, key: &StoreKey, ranges: Vec<ByteRange>) -> Result<Option<Vec<Bytes>>, StorageError> {
         let version = self.version(key);
         if version == Version::Unknown {
             return self.get_uncached(key, ranges);
@@ -451,42 +410,24 @@ impl DiskCache {
             };
             out.push(hit);
         }
-        let missing: Vec<ByteRange> = ranges
-            .iter()
-            .zip(&out)
-            .filter(|(_, hit)| hit.is_none())
-            .map(|(r, _)| *r)
-            .collect();
+        let missing: Vec<ByteRange> =
+            ranges.iter().zip(&out).filter(|(_, hit)| hit.is_none()).map(|(r, _)| *r).collect();
         if missing.is_empty() {
             return Ok(Some(out.into_iter().map(|b| b.expect("all hit")).collect()));
         }
-        let Some(fetched) = self
-            .inner
-            .get_partial_many(key, Box::new(missing.clone().into_iter()))?
-        else {
+        let Some(fetched) = self.inner.get_partial_many(key, Box::new(missing.clone().into_iter()))? else {
             return Ok(None);
         };
         let fetched: Vec<Bytes> = fetched.collect::<Result<_, _>>()?;
         for (range, bytes) in missing.iter().zip(&fetched) {
-            self.insert(
-                &self.slot(key, range, &version),
-                &Entry::Present(bytes.clone()),
-            );
+            self.insert(&self.slot(key, range, &version), &Entry::Present(bytes.clone()));
         }
         let mut fetched = fetched.into_iter();
-        Ok(Some(
-            out.into_iter()
-                .map(|hit| hit.or_else(|| fetched.next()).unwrap_or_default())
-                .collect(),
-        ))
+        Ok(Some(out.into_iter().map(|hit| hit.or_else(|| fetched.next()).unwrap_or_default()).collect()))
     }
 
     /// Metadata: the remote first, refreshing the cache; the cache when the remote fails.
-    fn get_remote_first(
-        &self,
-        key: &StoreKey,
-        ranges: Vec<ByteRange>,
-    ) -> Result<Option<Vec<Bytes>>, StorageError> {
+    fn get_remote_first(&self, key: &StoreKey, ranges: Vec<ByteRange>) -> Result<Option<Vec<Bytes>>, StorageError> {
         let version = self.version(key);
         if version == Version::Unknown {
             return self.get_uncached(key, ranges);
@@ -517,9 +458,7 @@ impl DiskCache {
                     return Ok(None);
                 }
                 if cached.iter().all(|c| matches!(c, Some(Entry::Present(_)))) {
-                    log::warn!(
-                        "{key}: remote unavailable ({e}); serving the copy from the disk cache"
-                    );
+                    log::warn!("{key}: remote unavailable ({e}); serving the copy from the disk cache");
                     return Ok(Some(
                         cached
                             .into_iter()
@@ -544,10 +483,7 @@ impl UsageLock<'_> {
     fn read_usage(&self) -> u64 {
         let mut buf = [0u8; 32];
         let n = self.file.read_at(&mut buf, 0).unwrap_or(0);
-        std::str::from_utf8(&buf[..n])
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        std::str::from_utf8(&buf[..n]).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
     fn write_usage(&self, usage: u64) {
@@ -573,9 +509,7 @@ fn cost_of(m: &std::fs::Metadata) -> u64 {
 }
 
 fn dir_cost(dir: &Path) -> u64 {
-    std::fs::metadata(dir)
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
+    std::fs::metadata(dir).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 const FNV_A: u64 = 0xcbf2_9ce4_8422_2325;
@@ -583,9 +517,7 @@ const FNV_B: u64 = 0x6c62_272e_07bb_0142;
 
 /// 64-bit FNV-1a of `text` from `basis`.
 fn fnv64(text: &str, basis: u64) -> u64 {
-    text.bytes().fold(basis, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    text.bytes().fold(basis, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A file name for `text`: two independent 64-bit FNV-1a hashes.
@@ -643,10 +575,7 @@ fn read_entry(file: &File, identity: &str, range: Option<&ByteRange>) -> Option<
 
 fn is_metadata_key(key: &StoreKey) -> bool {
     let name = key.as_str().rsplit('/').next().unwrap_or("");
-    matches!(
-        name,
-        "zarr.json" | ".zarray" | ".zgroup" | ".zattrs" | ".zmetadata"
-    )
+    matches!(name, "zarr.json" | ".zarray" | ".zgroup" | ".zattrs" | ".zmetadata")
 }
 
 impl ReadableStorageTraits for DiskCache {
@@ -703,9 +632,7 @@ impl ListableStorageTraits for DiskCache {
 
 impl DiskCache {
     fn writer(&self) -> Result<&WritableStorage, StorageError> {
-        self.writer
-            .as_ref()
-            .ok_or_else(|| StorageError::Unsupported("the store is read-only".into()))
+        self.writer.as_ref().ok_or_else(|| StorageError::Unsupported("the store is read-only".into()))
     }
 }
 
@@ -723,11 +650,7 @@ impl WritableStorageTraits for DiskCache {
         result
     }
 
-    fn set_partial_many(
-        &self,
-        key: &StoreKey,
-        offset_values: OffsetBytesIterator,
-    ) -> Result<(), StorageError> {
+    fn set_partial_many(&self, key: &StoreKey, offset_values: OffsetBytesIterator) -> Result<(), StorageError> {
         zarrs::storage::store_set_partial_many(self, key, offset_values)
     }
 
@@ -769,16 +692,10 @@ mod tests {
 
     impl Flaky {
         fn new() -> Arc<Flaky> {
-            Arc::new(Flaky {
-                inner: MemoryStore::new(),
-                down: AtomicBool::new(false),
-                gets: AtomicUsize::new(0),
-            })
+            Arc::new(Flaky { inner: MemoryStore::new(), down: AtomicBool::new(false), gets: AtomicUsize::new(0) })
         }
         fn put(&self, key: &str, value: &[u8]) {
-            self.inner
-                .set(&StoreKey::new(key).unwrap(), Bytes::copy_from_slice(value))
-                .unwrap();
+            self.inner.set(&StoreKey::new(key).unwrap(), Bytes::copy_from_slice(value)).unwrap();
         }
         fn check(&self) -> Result<(), StorageError> {
             if self.down.load(Ordering::SeqCst) {
@@ -827,11 +744,7 @@ mod tests {
             self.check()?;
             self.inner.set(key, value)
         }
-        fn set_partial_many(
-            &self,
-            key: &StoreKey,
-            offset_values: OffsetBytesIterator,
-        ) -> Result<(), StorageError> {
+        fn set_partial_many(&self, key: &StoreKey, offset_values: OffsetBytesIterator) -> Result<(), StorageError> {
             self.check()?;
             self.inner.set_partial_many(key, offset_values)
         }
@@ -856,11 +769,7 @@ mod tests {
         let mut total = std::fs::metadata(dir).unwrap().blocks() * 512;
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let m = e.metadata().unwrap();
-            total += if m.is_dir() {
-                du(&e.path())
-            } else {
-                m.blocks() * 512
-            };
+            total += if m.is_dir() { du(&e.path()) } else { m.blocks() * 512 };
         }
         total
     }
@@ -875,10 +784,7 @@ mod tests {
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
         // Ranges of an object cached whole are served from it.
-        let part = cache
-            .get_partial(&key("a/c/0"), ByteRange::Suffix(16))
-            .unwrap()
-            .unwrap();
+        let part = cache.get_partial(&key("a/c/0"), ByteRange::Suffix(16)).unwrap().unwrap();
         assert_eq!(&part[..], &[7u8; 16]);
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
         // Missing chunks are not cached and not errors.
@@ -900,21 +806,12 @@ mod tests {
         let remote = Flaky::new();
         remote.put(".zmetadata", b"{\"v\": 1}");
         let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "http://h/x/").unwrap();
-        assert_eq!(
-            &cache.get(&key(".zmetadata")).unwrap().unwrap()[..],
-            b"{\"v\": 1}"
-        );
+        assert_eq!(&cache.get(&key(".zmetadata")).unwrap().unwrap()[..], b"{\"v\": 1}");
         assert!(cache.get(&key("zarr.json")).unwrap().is_none());
         remote.put(".zmetadata", b"{\"v\": 2}");
-        assert_eq!(
-            &cache.get(&key(".zmetadata")).unwrap().unwrap()[..],
-            b"{\"v\": 2}"
-        );
+        assert_eq!(&cache.get(&key(".zmetadata")).unwrap().unwrap()[..], b"{\"v\": 2}");
         remote.down.store(true, Ordering::SeqCst);
-        assert_eq!(
-            &cache.get(&key(".zmetadata")).unwrap().unwrap()[..],
-            b"{\"v\": 2}"
-        );
+        assert_eq!(&cache.get(&key(".zmetadata")).unwrap().unwrap()[..], b"{\"v\": 2}");
         assert!(cache.get(&key("zarr.json")).unwrap().is_none());
         assert!(cache.get(&key("grp/.zarray")).is_err());
     }
@@ -934,19 +831,11 @@ mod tests {
             assert_eq!(cache.get(&key("c/0")).unwrap().unwrap()[0], 0);
             let c = if i % 2 == 0 { &cache } else { &second };
             assert_eq!(c.get(&key(&format!("c/{i}"))).unwrap().unwrap()[0], i as u8);
-            assert!(
-                du(dir.path()) <= bound,
-                "du {} > bound {bound} after {i}",
-                du(dir.path())
-            );
+            assert!(du(dir.path()) <= bound, "du {} > bound {bound} after {i}", du(dir.path()));
         }
         let before = remote.gets.load(Ordering::SeqCst);
         cache.get(&key("c/0")).unwrap();
-        assert_eq!(
-            remote.gets.load(Ordering::SeqCst),
-            before,
-            "the hot entry was evicted"
-        );
+        assert_eq!(remote.gets.load(Ordering::SeqCst), before, "the hot entry was evicted");
         // Reopening with a smaller bound trims the directory.
         drop((cache, second));
         let _small = DiskCache::open(remote.clone(), dir.path(), 64 << 10, "s3://b/x/").unwrap();
@@ -959,11 +848,7 @@ mod tests {
         let remote = Flaky::new();
         remote.put("c/0", b"good");
         let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
-        let slot = cache.slot(
-            &key("c/0"),
-            &ByteRange::FromStart(0, None),
-            &Version::Original,
-        );
+        let slot = cache.slot(&key("c/0"), &ByteRange::FromStart(0, None), &Version::Original);
         std::fs::write(cache.objects.join(&slot.name), b"ZFSC1\ngarbage").unwrap();
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"good");
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
@@ -1001,33 +886,21 @@ mod tests {
         let remote = Flaky::new();
         remote.put("a/c/0", &[1u8; 1000]);
         remote.put("a/c/1", &[2u8; 1000]);
-        let writer = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/")
-            .unwrap()
-            .with_writer(remote.clone());
+        let writer =
+            DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap().with_writer(remote.clone());
         // Another daemon sharing the directory, read-only.
         let reader = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         assert_eq!(reader.get(&key("a/c/0")).unwrap().unwrap()[0], 1);
         // Byte ranges cached on their own, as shard reads do.
-        let tail = reader
-            .get_partial(&key("a/c/1"), ByteRange::Suffix(8))
-            .unwrap()
-            .unwrap();
+        let tail = reader.get_partial(&key("a/c/1"), ByteRange::Suffix(8)).unwrap().unwrap();
         assert_eq!(&tail[..], &[2u8; 8]);
-        assert!(
-            reader.set(&key("a/c/0"), Bytes::new()).is_err(),
-            "no writer"
-        );
+        assert!(reader.set(&key("a/c/0"), Bytes::new()).is_err(), "no writer");
 
-        writer
-            .set(&key("a/c/1"), Bytes::from(vec![3u8; 500]))
-            .unwrap();
+        writer.set(&key("a/c/1"), Bytes::from(vec![3u8; 500])).unwrap();
         writer.erase(&key("a/c/0")).unwrap();
         let gets = remote.gets.load(Ordering::SeqCst);
         // The reader sees the new object at once, from the cache (cached whole by the write).
-        let tail = reader
-            .get_partial(&key("a/c/1"), ByteRange::Suffix(8))
-            .unwrap()
-            .unwrap();
+        let tail = reader.get_partial(&key("a/c/1"), ByteRange::Suffix(8)).unwrap().unwrap();
         assert_eq!(&tail[..], &[3u8; 8]);
         assert_eq!(reader.get(&key("a/c/1")).unwrap().unwrap().len(), 500);
         assert_eq!(remote.gets.load(Ordering::SeqCst), gets);
@@ -1039,10 +912,7 @@ mod tests {
         remote.down.store(true, Ordering::SeqCst);
         let again = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
         assert_eq!(&again.get(&key("a/c/1")).unwrap().unwrap()[..], &[3u8; 500]);
-        assert!(
-            again.get(&key("a/c/0")).is_err(),
-            "a deleted chunk is not served"
-        );
+        assert!(again.get(&key("a/c/0")).is_err(), "a deleted chunk is not served");
     }
 
     #[test]
@@ -1050,9 +920,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("c/0", b"old");
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/")
-            .unwrap()
-            .with_writer(remote.clone());
+        let cache =
+            DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap().with_writer(remote.clone());
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"old");
         remote.down.store(true, Ordering::SeqCst);
         assert!(cache.set(&key("c/0"), Bytes::from_static(b"new")).is_err());
@@ -1068,16 +937,11 @@ mod tests {
         let bound = 128 << 10;
         let remote = Flaky::new();
         remote.put("hot/0", &[9u8; 20_000]);
-        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/")
-            .unwrap()
-            .with_writer(remote.clone());
+        let cache =
+            DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/").unwrap().with_writer(remote.clone());
         // An entry of the original version, then a write: two versions on disk.
-        cache
-            .get_partial(&key("hot/0"), ByteRange::Suffix(100))
-            .unwrap();
-        cache
-            .set(&key("hot/0"), Bytes::from(vec![8u8; 20_000]))
-            .unwrap();
+        cache.get_partial(&key("hot/0"), ByteRange::Suffix(100)).unwrap();
+        cache.set(&key("hot/0"), Bytes::from(vec![8u8; 20_000])).unwrap();
         assert_eq!(entries_of(&cache, "hot/0").len(), 3);
         // Fill the cache with other objects until everything of hot/0 is old enough to go.
         for i in 0..40 {
@@ -1085,16 +949,10 @@ mod tests {
             cache.get(&key(&format!("c/{i}"))).unwrap();
             let names = entries_of(&cache, "hot/0");
             let versioned = names.iter().any(|n| n.ends_with(VERSION_SUFFIX));
-            assert!(
-                versioned || names.is_empty(),
-                "entries of hot/0 without their version record: {names:?}"
-            );
+            assert!(versioned || names.is_empty(), "entries of hot/0 without their version record: {names:?}");
         }
         assert!(entries_of(&cache, "hot/0").is_empty());
-        let tail = cache
-            .get_partial(&key("hot/0"), ByteRange::Suffix(100))
-            .unwrap()
-            .unwrap();
+        let tail = cache.get_partial(&key("hot/0"), ByteRange::Suffix(100)).unwrap().unwrap();
         assert_eq!(&tail[..], &[8u8; 100]);
     }
 }

@@ -21,7 +21,7 @@ pub struct MountSettings {
     /// Generic VFS flags for the kernel mount (nodev, noexec, noatime, ...), in order given.
     pub passthrough: Vec<String>,
     /// Remote stores: request timeout and retries, disk cache.
-    pub remote: crate::remote::RemoteSettings,
+    pub remote: crate::storage::remote::RemoteSettings,
 }
 
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -99,7 +99,10 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
         }
         let number = |v: Option<&str>| -> Result<usize, String> {
             let v = need(key, v)?;
-            v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("option {key}: {v:?} is not a positive number"))
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("option {key}: {v:?} is not a positive number"))
         };
         match key {
             "cache_size" => settings.cache_bytes = parse_size(need(key, value)?)?,
@@ -108,7 +111,7 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
             "readahead_kb" => settings.readahead_kb = number(value)? as u32,
             "allow_other" => settings.allow_other = true,
             "log_file" => settings.log_file = Some(need(key, value)?.to_string()),
-            k if crate::remote::RemoteSettings::is_option(k) => settings.remote.apply_option(k, value)?,
+            k if crate::storage::remote::RemoteSettings::is_option(k) => settings.remote.apply_option(k, value)?,
             "rw" => settings.read_write = true,
             "ro" => settings.read_write = false,
             "writeback_secs" => settings.writeback_secs = number(value)? as u64,

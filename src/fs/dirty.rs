@@ -137,9 +137,11 @@ impl DirtyChunks {
         }
         let State { map, copied, .. } = &mut *state;
         for &(key, chunk, dst, src, len) in pieces {
-            let dirty = map
-                .entry(key)
-                .or_insert_with(|| Dirty { chunk: chunk.to_vec(), data: bases[&key].clone(), version: 0 });
+            let dirty = map.entry(key).or_insert_with(|| Dirty {
+                chunk: chunk.to_vec(),
+                data: bases[&key].clone(),
+                version: 0,
+            });
             if dirty.version > 0 && Arc::strong_count(&dirty.data) > 1 {
                 *copied += dirty.data.len() as u64; // make_mut is about to copy it
             }
@@ -238,7 +240,9 @@ mod tests {
         let (a, b, other) = ((0, 1), (0, 2), (1, 0));
         for _ in 0..3 {
             // another writer dirties and stores `other` while bases of `a` and `b` load
-            dirty.apply(&[(other, &[0], 0, 0, 1)], &HashMap::from([(other, base.clone())]), dirty.epoch(), &[5]).unwrap();
+            dirty
+                .apply(&[(other, &[0], 0, 0, 1)], &HashMap::from([(other, base.clone())]), dirty.epoch(), &[5])
+                .unwrap();
             let snap = dirty.snapshot(|k| k == other);
             dirty.retire(&snap, |_, _| {});
         }

@@ -1,16 +1,16 @@
-//! The only module that talks to zarrs: open a store, walk its hierarchy, decode chunks.
-//!
-//! Everything above this module sees arrays as [`ArrayInfo`] (plain geometry and metadata) plus
-//! a [`ChunkDecoder`] that turns grid indices into the decoded chunk bytes. That keeps the
-//! filesystem testable with in-memory decoders and leaves room for other kinds of source.
+//! Zarr v2 and v3 through zarrs: open a store, walk its hierarchy, decode and store chunks.
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use rayon::prelude::*;
 use serde_json::{json, Value};
-use zarrs::array::{Array, ArrayBytes, ArrayMetadata, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache};
+use std::sync::RwLock;
+use zarrs::array::{
+    Array, ArrayBytes, ArrayMetadata, ArrayShardedExt, ArrayShardedReadableExt, ArrayShardedReadableExtCache,
+};
+use zarrs::array::{ArrayError, CodecOptions};
 use zarrs::filesystem::FilesystemStore;
 use zarrs::node::{Node, NodeMetadata};
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator, InvalidByteRangeError};
@@ -19,105 +19,10 @@ use zarrs::storage::{
     ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorage,
     WritableStorageTraits,
 };
-use rayon::prelude::*;
-use std::sync::RwLock;
-use zarrs::array::CodecOptions;
 
-/// Why a chunk could not be produced. Shown in the log; the reader gets `EIO`.
-#[derive(Debug, Clone)]
-pub struct DecodeError {
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "chunk {}: {}", self.key, self.reason)
-    }
-}
-
-/// Produces decoded chunks of one array: C order, native endian, always at the full chunk shape
-/// (edge chunks padded), missing chunks filled with the fill value.
-pub trait ChunkDecoder: Send + Sync {
-    fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError>;
-}
-
-/// Stores chunks of one array: encodes full-shape decoded chunks (the same form
-/// [`ChunkDecoder::decode`] produces) with the array's codecs and replaces them in the store,
-/// each chunk or shard atomically. A chunk that is entirely the fill value is deleted.
-pub trait ChunkWriter: Send + Sync {
-    fn store_chunks(&self, chunks: &[(&[u64], &[u8])]) -> Result<(), DecodeError>;
-}
-
-/// What the filesystem needs to know about an array, independent of how it is stored.
-#[derive(Debug, Clone)]
-pub struct ArrayInfo {
-    /// Hierarchy path, "/" for a root array, "/grp/temp" otherwise.
-    pub path: String,
-    /// numpy typestr of the flat file's elements (native byte order), e.g. "<f4".
-    pub dtype: String,
-    pub itemsize: u64,
-    pub shape: Vec<u64>,
-    /// The chunk shape written in the metadata (the shard shape for sharded arrays).
-    pub chunks: Vec<u64>,
-    /// The unit zarrs decodes and we cache: the inner chunk of a sharded array, else the chunk.
-    pub decode_chunk_shape: Vec<u64>,
-    pub fill_value: Value,
-    pub attributes: Value,
-    pub codecs: Value,
-    pub zarr_format: u8,
-    /// Modification time of the array's metadata document.
-    pub mtime: SystemTime,
-}
-
-/// A group of the hierarchy.
-#[derive(Debug, Clone)]
-pub struct GroupInfo {
-    pub path: String,
-    pub attributes: Value,
-    pub mtime: SystemTime,
-}
-
-/// An array that cannot be shown as a flat file, and why.
-#[derive(Debug, Clone)]
-pub struct Skipped {
-    pub path: String,
-    pub reason: String,
-}
-
-/// An opened array: its description, the decoder that serves its chunks, and on a writable
-/// store the writer that stores them back.
-#[derive(Clone)]
-pub struct OpenArray {
-    pub info: ArrayInfo,
-    pub decoder: Arc<dyn ChunkDecoder>,
-    pub writer: Option<Arc<dyn ChunkWriter>>,
-}
-
-/// An opened store: every group and every array that can be mounted.
-pub struct Store {
-    pub location: PathBuf,
-    pub zarr_format: u8,
-    pub groups: Vec<GroupInfo>,
-    pub arrays: Vec<OpenArray>,
-    pub skipped: Vec<Skipped>,
-    storage: ReadableListableStorage,
-}
-
-/// Why a store could not be opened. Always names the store.
-#[derive(Debug)]
-pub struct OpenError {
-    pub store: PathBuf,
-    pub reason: String,
-}
-
-impl fmt::Display for OpenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.store.display(), self.reason)
-    }
-}
-
-impl std::error::Error for OpenError {}
+use super::{
+    ArrayInfo, ChunkDecoder, ChunkError, ChunkWriter, Format, GroupInfo, OpenArray, OpenError, Skipped, Store,
+};
 
 impl Store {
     /// Open a local Zarr v2 or v3 store and walk its whole hierarchy. Fails on anything that makes
@@ -155,25 +60,23 @@ impl Store {
             }
             e => err(one_line(&e.to_string())),
         })?;
+        let listing = storage.clone();
         let mut store = Store {
             location: location.to_path_buf(),
-            zarr_format: node_zarr_format(root.metadata()),
+            format: Format::Zarr { version: node_zarr_format(root.metadata()) },
             groups: Vec::new(),
             arrays: Vec::new(),
             skipped: Vec::new(),
-            storage: storage.clone(),
+            stored_bytes: Box::new(move |node_path| {
+                let prefix = match node_path.trim_matches('/') {
+                    "" => StorePrefix::root(),
+                    path => StorePrefix::new(format!("{path}/")).ok()?,
+                };
+                listing.size_prefix(&prefix).ok()
+            }),
         };
         store.walk(&storage, writable.as_ref(), &times, &root).map_err(err)?;
         Ok(store)
-    }
-
-    /// Bytes stored under a node (its chunks and metadata), where the store can be listed.
-    pub fn stored_bytes(&self, node_path: &str) -> Option<u64> {
-        let prefix = match node_path.trim_matches('/') {
-            "" => StorePrefix::root(),
-            path => StorePrefix::new(format!("{path}/")).ok()?,
-        };
-        self.storage.size_prefix(&prefix).ok()
     }
 
     fn walk(
@@ -197,6 +100,7 @@ impl Store {
                 self.groups.push(GroupInfo {
                     mtime: mtime(&path),
                     path,
+                    xattrs: vec![("user.zarr.attributes".into(), attributes.to_string())],
                     attributes,
                 });
                 let mut children: Vec<&Node> = node.children().iter().collect();
@@ -292,29 +196,20 @@ fn open_array(
         return Ok(Err("elements have no fixed size (variable-length data type)".into()));
     };
     let Some(dtype) = numpy_typestr(&data_type.name_v3().unwrap_or_default(), itemsize) else {
-        return Ok(Err(format!(
-            "data type {} has no numpy equivalent",
-            data_type.name_v3().unwrap_or_default()
-        )));
+        return Ok(Err(format!("data type {} has no numpy equivalent", data_type.name_v3().unwrap_or_default())));
     };
     if !regular {
         return Ok(Err("only regular chunk grids can be flattened".into()));
     }
     let zeros = vec![0u64; array.dimensionality()];
-    let chunks: Vec<u64> = array
-        .chunk_shape(&zeros)
-        .map_err(|e| format!("array {path}: {e}"))?
-        .iter()
-        .map(|c| c.get())
-        .collect();
+    let chunks: Vec<u64> =
+        array.chunk_shape(&zeros).map_err(|e| format!("array {path}: {e}"))?.iter().map(|c| c.get()).collect();
     let sharded = if array.is_exclusively_sharded() {
-        array
-            .effective_subchunk_shape()
-            .map(|s| s.iter().map(|c| c.get()).collect::<Vec<u64>>())
+        array.effective_subchunk_shape().map(|s| s.iter().map(|c| c.get()).collect::<Vec<u64>>())
     } else {
         None
     };
-    let info = ArrayInfo {
+    let mut info = ArrayInfo {
         path: path.to_string(),
         dtype,
         itemsize: itemsize as u64,
@@ -324,9 +219,11 @@ fn open_array(
         fill_value,
         attributes,
         codecs,
-        zarr_format,
+        format: Format::Zarr { version: zarr_format },
         mtime,
+        xattrs: Vec::new(),
     };
+    info.xattrs = array_xattrs(&info, zarr_format);
     let shard_index_cache = sharded.as_ref().map(|_| ArrayShardedReadableExtCache::new(&array));
     // Local shards are cheap to stat: a shard replaced by another writer is noticed before its
     // cached index is used on it (remote stores would pay a request per read for this).
@@ -352,6 +249,20 @@ fn open_array(
     Ok(Ok(OpenArray { info, decoder: zarrs_array, writer }))
 }
 
+/// What `getfattr` shows on both files of a Zarr array.
+fn array_xattrs(i: &ArrayInfo, zarr_format: u8) -> Vec<(String, String)> {
+    vec![
+        ("user.zarr.path".into(), i.path.clone()),
+        ("user.zarr.shape".into(), json!(i.shape).to_string()),
+        ("user.zarr.dtype".into(), i.dtype.clone()),
+        ("user.zarr.chunks".into(), json!(i.chunks).to_string()),
+        ("user.zarr.fill_value".into(), i.fill_value.to_string()),
+        ("user.zarr.attributes".into(), i.attributes.to_string()),
+        ("user.zarr.codecs".into(), i.codecs.to_string()),
+        ("user.zarr.zarr_format".into(), zarr_format.to_string()),
+    ]
+}
+
 /// The numpy typestr for a zarr v3 data type name, in native byte order: zarrs hands out
 /// decoded elements in native order whatever the store's endianness.
 fn numpy_typestr(v3_name: &str, itemsize: usize) -> Option<String> {
@@ -364,9 +275,7 @@ fn numpy_typestr(v3_name: &str, itemsize: usize) -> Option<String> {
         "uint16" | "uint32" | "uint64" => 'u',
         "float16" | "float32" | "float64" => 'f',
         "complex64" | "complex128" => 'c',
-        _ if v3_name.starts_with('r') && v3_name[1..].parse::<usize>().is_ok() => {
-            return Some(format!("|V{itemsize}"))
-        }
+        _ if v3_name.starts_with('r') && v3_name[1..].parse::<usize>().is_ok() => return Some(format!("|V{itemsize}")),
         _ => return None,
     };
     Some(format!("{order}{kind}{itemsize}"))
@@ -411,7 +320,9 @@ pub fn create_array(store: &Path, array_path: &str, spec: &NewArray) -> Result<(
     let metadata: Value = if spec.zarr_format == 2 {
         let compressor = match codec {
             "zstd" => json!({"id": "zstd", "level": level.unwrap_or(3)}),
-            "blosc" => json!({"id": "blosc", "cname": "lz4", "clevel": level.unwrap_or(5), "shuffle": 1, "blocksize": 0}),
+            "blosc" => {
+                json!({"id": "blosc", "cname": "lz4", "clevel": level.unwrap_or(5), "shuffle": 1, "blocksize": 0})
+            }
             "gzip" => json!({"id": "gzip", "level": level.unwrap_or(5)}),
             "none" => Value::Null,
             other => return Err(format!("unknown codec {other:?} (zstd, blosc, gzip or none)")),
@@ -423,8 +334,11 @@ pub fn create_array(store: &Path, array_path: &str, spec: &NewArray) -> Result<(
         let endian = if itemsize > 1 { json!({"endian": "little"}) } else { json!({}) };
         let mut codecs = vec![json!({"name": "bytes", "configuration": endian})];
         match codec {
-            "zstd" => codecs.push(json!({"name": "zstd", "configuration": {"level": level.unwrap_or(3), "checksum": false}})),
-            "blosc" => codecs.push(json!({"name": "blosc", "configuration": {"cname": "lz4", "clevel": level.unwrap_or(5),
+            "zstd" => {
+                codecs.push(json!({"name": "zstd", "configuration": {"level": level.unwrap_or(3), "checksum": false}}))
+            }
+            "blosc" => codecs
+                .push(json!({"name": "blosc", "configuration": {"cname": "lz4", "clevel": level.unwrap_or(5),
                                           "shuffle": "shuffle", "typesize": itemsize, "blocksize": 0}})),
             "gzip" => codecs.push(json!({"name": "gzip", "configuration": {"level": level.unwrap_or(5)}})),
             "none" => {}
@@ -456,7 +370,9 @@ pub fn create_array(store: &Path, array_path: &str, spec: &NewArray) -> Result<(
             Ok(NodeMetadata::Array(_)) => return Err(format!("{group_path} is an array, not a group")),
             Err(_) => {
                 let group = if spec.zarr_format == 2 {
-                    zarrs::metadata::GroupMetadata::V2(serde_json::from_value(json!({"zarr_format": 2})).map_err(|e| e.to_string())?)
+                    zarrs::metadata::GroupMetadata::V2(
+                        serde_json::from_value(json!({"zarr_format": 2})).map_err(|e| e.to_string())?,
+                    )
                 } else {
                     zarrs::metadata::GroupMetadata::V3(
                         serde_json::from_value(json!({"zarr_format": 3, "node_type": "group", "attributes": {}}))
@@ -522,7 +438,11 @@ fn parse_fill(text: &str, v3_name: &str) -> Result<Value, String> {
                 "-inf" | "-infinity" => return Ok(json!("-Infinity")),
                 _ => lower.parse::<f64>().map_err(|_| bad())?,
             };
-            if n.starts_with("complex") { json!([f, 0.0]) } else { json!(f) }
+            if n.starts_with("complex") {
+                json!([f, 0.0])
+            } else {
+                json!(f)
+            }
         }
         n if n.starts_with("uint") => json!(lower.parse::<u64>().map_err(|_| bad())?),
         _ => json!(lower.parse::<i64>().map_err(|_| bad())?),
@@ -580,8 +500,17 @@ impl ZarrsArray {
         }
     }
 
-    fn error(&self, chunk: &[u64], reason: impl ToString) -> DecodeError {
-        DecodeError { key: self.key(chunk), reason: one_line(&reason.to_string()) }
+    /// A failed read: storage failures are `Fetch`, everything else (codecs, shapes) `Decode`.
+    fn read_error(&self, chunk: &[u64], e: ArrayError) -> ChunkError {
+        let (key, reason) = (self.key(chunk), one_line(&e.to_string()));
+        match e {
+            ArrayError::StorageError(_) => ChunkError::Fetch { key, reason },
+            _ => ChunkError::Decode { key, reason },
+        }
+    }
+
+    fn store_error(&self, chunk: &[u64], reason: impl ToString) -> ChunkError {
+        ChunkError::Store { key: self.key(chunk), reason: one_line(&reason.to_string()) }
     }
 
     /// Store whole shards: read each touched shard, lay the new inner chunks over it, encode.
@@ -590,14 +519,15 @@ impl ZarrsArray {
         write: &Array<dyn WritableStorageTraits>,
         cache: &ArrayShardedReadableExtCache,
         chunks: &[(&[u64], &[u8])],
-    ) -> Result<(), DecodeError> {
+    ) -> Result<(), ChunkError> {
         let zeros = vec![0u64; self.array.dimensionality()];
-        let shard_shape: Vec<u64> = self.array.chunk_shape(&zeros).map_err(|e| self.error(&zeros, e))?.iter().map(|c| c.get()).collect();
+        let shard_shape: Vec<u64> =
+            self.array.chunk_shape(&zeros).map_err(|e| self.store_error(&zeros, e))?.iter().map(|c| c.get()).collect();
         let inner_shape: Vec<u64> = self
             .array
             .effective_subchunk_shape()
             .map(|s| s.iter().map(|c| c.get()).collect())
-            .ok_or_else(|| self.error(&zeros, "sharded array without a regular inner chunk shape"))?;
+            .ok_or_else(|| self.store_error(&zeros, "sharded array without a regular inner chunk shape"))?;
         let itemsize = self.array.data_type().fixed_size().unwrap_or(1) as u64;
         let mut by_shard: std::collections::BTreeMap<Vec<u64>, Vec<(Vec<u64>, &[u8])>> = Default::default();
         for (inner, bytes) in chunks {
@@ -608,12 +538,15 @@ impl ZarrsArray {
         }
         let _exclusive = self.shard_lock.write().unwrap();
         let result = by_shard.par_iter().try_for_each(|(shard, inners)| {
-            let current: ArrayBytes<'static> = self.array.retrieve_chunk_opt(shard, &self.options).map_err(|e| self.error(shard, e))?;
-            let mut bytes = current.into_fixed().map_err(|e| self.error(shard, e))?.into_owned();
+            let current: ArrayBytes<'static> =
+                self.array.retrieve_chunk_opt(shard, &self.options).map_err(|e| self.read_error(shard, e))?;
+            let mut bytes = current.into_fixed().map_err(|e| self.read_error(shard, e.into()))?.into_owned();
             for (within, inner) in inners {
                 copy_block(&mut bytes, &shard_shape, within, inner, &inner_shape, itemsize);
             }
-            write.store_chunk_opt(shard, ArrayBytes::new_flen(&bytes[..]), &self.options).map_err(|e| self.error(shard, e))
+            write
+                .store_chunk_opt(shard, ArrayBytes::new_flen(&bytes[..]), &self.options)
+                .map_err(|e| self.store_error(shard, e))
         });
         cache.clear();
         result
@@ -621,7 +554,7 @@ impl ZarrsArray {
 }
 
 impl ChunkDecoder for ZarrsArray {
-    fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
+    fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, ChunkError> {
         let bytes: Result<ArrayBytes<'static>, _> = match &self.shard_index_cache {
             None => self.array.retrieve_chunk_opt(chunk, &self.options),
             Some(cache) => {
@@ -635,21 +568,23 @@ impl ChunkDecoder for ZarrsArray {
                 self.array.retrieve_subchunk_opt(cache, chunk, &self.options)
             }
         };
-        let bytes = bytes.map_err(|e| self.error(chunk, e))?;
-        let fixed = bytes.into_fixed().map_err(|e| self.error(chunk, e))?;
+        let bytes = bytes.map_err(|e| self.read_error(chunk, e))?;
+        let fixed = bytes.into_fixed().map_err(|e| self.read_error(chunk, e.into()))?;
         Ok(fixed.into_owned())
     }
 }
 
 impl ChunkWriter for ZarrsArray {
-    fn store_chunks(&self, chunks: &[(&[u64], &[u8])]) -> Result<(), DecodeError> {
+    fn store_chunks(&self, chunks: &[(&[u64], &[u8])]) -> Result<(), ChunkError> {
         let Some(write) = &self.write else {
-            return Err(DecodeError { key: self.array.path().to_string(), reason: "store is read-only".into() });
+            return Err(ChunkError::Store { key: self.array.path().to_string(), reason: "store is read-only".into() });
         };
         match &self.shard_index_cache {
             Some(cache) => self.store_inner_chunks(write, cache, chunks),
             None => chunks.par_iter().try_for_each(|(chunk, bytes)| {
-                write.store_chunk_opt(chunk, ArrayBytes::new_flen(*bytes), &self.options).map_err(|e| self.error(chunk, e))
+                write
+                    .store_chunk_opt(chunk, ArrayBytes::new_flen(*bytes), &self.options)
+                    .map_err(|e| self.store_error(chunk, e))
             }),
         }
     }
@@ -724,7 +659,9 @@ impl ReadableStorageTraits for LocalDir {
         let read = |range: ByteRange| -> Result<Bytes, StorageError> {
             let (start, len) = match range {
                 ByteRange::FromStart(start, Some(len)) => (start, len),
-                ByteRange::FromStart(start, None) => (start, size.checked_sub(start).ok_or(InvalidByteRangeError::new(range, size))?),
+                ByteRange::FromStart(start, None) => {
+                    (start, size.checked_sub(start).ok_or(InvalidByteRangeError::new(range, size))?)
+                }
                 ByteRange::Suffix(len) => (size.checked_sub(len).ok_or(InvalidByteRangeError::new(range, size))?, len),
             };
             if start.checked_add(len).is_none_or(|end| end > size) {
@@ -797,7 +734,10 @@ pub fn remove_dead_temp_files(root: &Path) -> usize {
             }
             let name = entry.file_name();
             let Some(pid) = name.to_str().and_then(temp_writer) else { continue };
-            if kind.is_file() && !Path::new("/proc").join(pid.to_string()).exists() && std::fs::remove_file(entry.path()).is_ok() {
+            if kind.is_file()
+                && !Path::new("/proc").join(pid.to_string()).exists()
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
                 log::info!("{}: removed {} left by an interrupted write", root.display(), entry.path().display());
                 removed += 1;
             }
@@ -830,7 +770,11 @@ impl WritableStorageTraits for LocalDir {
         Ok(written?)
     }
 
-    fn set_partial_many(&self, key: &StoreKey, offset_values: zarrs::storage::OffsetBytesIterator) -> Result<(), StorageError> {
+    fn set_partial_many(
+        &self,
+        key: &StoreKey,
+        offset_values: zarrs::storage::OffsetBytesIterator,
+    ) -> Result<(), StorageError> {
         zarrs::storage::store_set_partial_many(self, key, offset_values)
     }
 

@@ -27,20 +27,19 @@ use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{
-    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
-};
+use object_store::{BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig};
 use serde_json::Value;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
     Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableListableStorage,
-    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix,
-    WritableStorage, WritableStorageTraits,
+    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorage,
+    WritableStorageTraits,
 };
 
-use crate::disk_cache::DiskCache;
-use crate::options::parse_size;
-use crate::source::{OpenError, Store, Timestamps};
+use crate::cli::options::parse_size;
+use crate::source::zarr::Timestamps;
+use crate::source::{OpenError, Store};
+use crate::storage::disk_cache::DiskCache;
 
 /// Settings for remote stores; part of the mount settings (`-o` options and flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,12 +71,7 @@ impl Default for RemoteSettings {
 
 impl RemoteSettings {
     /// The `-o` option names handled by [`RemoteSettings::apply_option`].
-    pub const OPTIONS: &'static [&'static str] = &[
-        "disk_cache",
-        "disk_cache_size",
-        "remote_timeout",
-        "remote_retries",
-    ];
+    pub const OPTIONS: &'static [&'static str] = &["disk_cache", "disk_cache_size", "remote_timeout", "remote_retries"];
 
     pub fn is_option(key: &str) -> bool {
         Self::OPTIONS.contains(&key)
@@ -85,19 +79,13 @@ impl RemoteSettings {
 
     /// Apply one `-o key=value` option whose key is one of [`RemoteSettings::OPTIONS`].
     pub fn apply_option(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
-        let value = value
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("option {key} needs a value ({key}=...)"))?;
+        let value = value.filter(|v| !v.is_empty()).ok_or_else(|| format!("option {key} needs a value ({key}=...)"))?;
         match key {
             "disk_cache" => self.disk_cache = Some(PathBuf::from(value)),
             "disk_cache_size" => self.disk_cache_bytes = parse_size(value)?,
-            "remote_timeout" => {
-                self.timeout = parse_duration(value).map_err(|e| format!("option {key}: {e}"))?
-            }
+            "remote_timeout" => self.timeout = parse_duration(value).map_err(|e| format!("option {key}: {e}"))?,
             "remote_retries" => {
-                self.retries = value
-                    .parse()
-                    .map_err(|_| format!("option {key}: {value:?} is not a number"))?
+                self.retries = value.parse().map_err(|_| format!("option {key}: {value:?} is not a number"))?
             }
             _ => return Err(format!("unknown mount option {key:?}")),
         }
@@ -143,10 +131,7 @@ pub const HTTP_READ_ONLY: &str = "writable mounts need S3; plain HTTP stores are
 /// `writable` (S3 only) also prepares every array for storing chunks back.
 pub fn open_url(url: &str, settings: &RemoteSettings, writable: bool) -> Result<Store, OpenError> {
     let url = url.trim_end_matches('/');
-    let err = |reason: String| OpenError {
-        store: PathBuf::from(url),
-        reason,
-    };
+    let err = |reason: String| OpenError { store: PathBuf::from(url), reason };
     if writable && matches!(parse_target(url), Ok(Target::Http { .. })) {
         return Err(err(HTTP_READ_ONLY.into()));
     }
@@ -185,25 +170,21 @@ fn with_consolidated_metadata(
 ) -> Result<ReadableListableStorage, String> {
     let get = |name: &str| -> Result<Option<Bytes>, String> {
         let key = StoreKey::new(name).expect("valid key");
-        storage
-            .get(&key)
-            .map_err(|e| {
-                let reason = one_line(&e.to_string());
-                let hint = match reason.contains("invalid peer certificate") {
-                    true => " (to trust a private CA, set SSL_CERT_FILE to its PEM file)",
-                    false => "",
-                };
-                format!("cannot read {name}: {reason}{hint}")
-            })
+        storage.get(&key).map_err(|e| {
+            let reason = one_line(&e.to_string());
+            let hint = match reason.contains("invalid peer certificate") {
+                true => " (to trust a private CA, set SSL_CERT_FILE to its PEM file)",
+                false => "",
+            };
+            format!("cannot read {name}: {reason}{hint}")
+        })
     };
     if let Some(doc) = get("zarr.json")? {
         let Ok(doc) = serde_json::from_slice::<Value>(&doc) else {
             return Ok(storage); // zarrs names the parse error
         };
         let group = doc.get("node_type").and_then(Value::as_str) == Some("group");
-        let consolidated = doc
-            .get("consolidated_metadata")
-            .is_some_and(|c| !c.is_null());
+        let consolidated = doc.get("consolidated_metadata").is_some_and(|c| !c.is_null());
         if group && !consolidated && !listable {
             return Err(NO_LISTING.into());
         }
@@ -265,10 +246,7 @@ fn parse_target(url: &str) -> Result<Target, String> {
         if bucket.is_empty() {
             return Err("an S3 URL needs a bucket (s3://BUCKET/PATH)".into());
         }
-        return Ok(Target::S3 {
-            bucket: bucket.into(),
-            prefix: prefix.trim_matches('/').into(),
-        });
+        return Ok(Target::S3 { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() });
     }
     if lower.starts_with("http://") || lower.starts_with("https://") {
         return Ok(Target::Http { url: url.into() });
@@ -285,18 +263,10 @@ impl RemoteStorage {
                 base: 2.0,
             },
             max_retries: settings.retries,
-            retry_timeout: (settings.timeout * (settings.retries as u32 + 1))
-                .min(Duration::from_secs(120)),
+            retry_timeout: (settings.timeout * (settings.retries as u32 + 1)).min(Duration::from_secs(120)),
         };
         let timeout = format!("{}ms", settings.timeout.as_millis().max(1));
-        let connect_timeout = format!(
-            "{}ms",
-            settings
-                .timeout
-                .min(Duration::from_secs(10))
-                .as_millis()
-                .max(1)
-        );
+        let connect_timeout = format!("{}ms", settings.timeout.min(Duration::from_secs(10)).as_millis().max(1));
         let (store, listable, cache_namespace): (Arc<dyn ObjectStore>, bool, String) = match parse_target(url)? {
             Target::S3 { bucket, prefix } => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -315,25 +285,15 @@ impl RemoteStorage {
                 let cache_namespace = format!("s3 {}\n{bucket}/{within}", endpoint.trim_end_matches('/'));
                 let s3 = builder
                     .with_bucket_name(bucket)
-                    .with_config(
-                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-                        &timeout,
-                    )
-                    .with_config(
-                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                        &connect_timeout,
-                    )
+                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), &connect_timeout)
                     .with_retry(retry)
                     .build()
                     .map_err(|e| one_line(&e.to_string()))?;
                 if prefix.is_empty() {
                     (Arc::new(s3), true, cache_namespace)
                 } else {
-                    (
-                        Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str())),
-                        true,
-                        cache_namespace,
-                    )
+                    (Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.as_str())), true, cache_namespace)
                 }
             }
             Target::Http { url } => {
@@ -398,14 +358,13 @@ impl RemoteStorage {
         let get_range = match range {
             ByteRange::FromStart(0, None) => None,
             ByteRange::FromStart(start, None) => Some(GetRange::Offset(start)),
-            ByteRange::FromStart(_, Some(0)) | ByteRange::Suffix(0) => return Ok((Bytes::new(), SystemTime::UNIX_EPOCH)),
+            ByteRange::FromStart(_, Some(0)) | ByteRange::Suffix(0) => {
+                return Ok((Bytes::new(), SystemTime::UNIX_EPOCH))
+            }
             ByteRange::FromStart(start, Some(len)) => Some(GetRange::Bounded(start..start + len)),
             ByteRange::Suffix(len) => Some(GetRange::Suffix(len)),
         };
-        let options = GetOptions {
-            range: get_range,
-            ..Default::default()
-        };
+        let options = GetOptions { range: get_range, ..Default::default() };
         let got = store.get_opts(path, options).await?;
         let modified = SystemTime::from(got.meta.last_modified);
         let bytes = got.bytes().await?;
@@ -416,8 +375,7 @@ impl RemoteStorage {
         if let Some(len) = expected.filter(|len| *len != bytes.len() as u64) {
             return Err(object_store::Error::Generic {
                 store: "zarrfs",
-                source: format!("range {range:?}: expected {len} bytes, got {}", bytes.len())
-                    .into(),
+                source: format!("range {range:?}: expected {len} bytes, got {}", bytes.len()).into(),
             });
         }
         Ok((bytes, modified))
@@ -433,13 +391,10 @@ impl RemoteStorage {
             return Err(Self::listing_error());
         }
         let path = Self::object_path(prefix);
-        let metas: Vec<object_store::ObjectMeta> = self
-            .block_on(self.store.list(path.as_ref()).try_collect())
-            .map_err(|e| Self::error(prefix.as_str(), e))?;
-        let mut keys: Vec<(StoreKey, u64)> = metas
-            .into_iter()
-            .filter_map(|m| StoreKey::new(m.location.as_ref()).ok().map(|k| (k, m.size)))
-            .collect();
+        let metas: Vec<object_store::ObjectMeta> =
+            self.block_on(self.store.list(path.as_ref()).try_collect()).map_err(|e| Self::error(prefix.as_str(), e))?;
+        let mut keys: Vec<(StoreKey, u64)> =
+            metas.into_iter().filter_map(|m| StoreKey::new(m.location.as_ref()).ok().map(|k| (k, m.size))).collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(keys)
     }
@@ -454,9 +409,8 @@ impl ReadableStorageTraits for RemoteStorage {
         let path = ObjectPath::from(key.as_str());
         let ranges: Vec<ByteRange> = byte_ranges.collect();
         let store = self.store.as_ref();
-        let result = self.block_on(futures::future::try_join_all(
-            ranges.iter().map(|range| Self::fetch(store, &path, *range)),
-        ));
+        let result =
+            self.block_on(futures::future::try_join_all(ranges.iter().map(|range| Self::fetch(store, &path, *range))));
         match result {
             Ok(parts) => {
                 if ROOT_METADATA.contains(&key.as_str()) {
@@ -490,11 +444,7 @@ impl ListableStorageTraits for RemoteStorage {
     }
 
     fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
-        Ok(self
-            .list_keys(prefix)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect())
+        Ok(self.list_keys(prefix)?.into_iter().map(|(k, _)| k).collect())
     }
 
     fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
@@ -505,16 +455,10 @@ impl ListableStorageTraits for RemoteStorage {
         let listing = self
             .block_on(self.store.list_with_delimiter(path.as_ref()))
             .map_err(|e| Self::error(prefix.as_str(), e))?;
-        let mut keys: StoreKeys = listing
-            .objects
-            .iter()
-            .filter_map(|m| StoreKey::new(m.location.as_ref()).ok())
-            .collect();
-        let mut prefixes: Vec<StorePrefix> = listing
-            .common_prefixes
-            .iter()
-            .filter_map(|p| StorePrefix::new(format!("{}/", p.as_ref())).ok())
-            .collect();
+        let mut keys: StoreKeys =
+            listing.objects.iter().filter_map(|m| StoreKey::new(m.location.as_ref()).ok()).collect();
+        let mut prefixes: Vec<StorePrefix> =
+            listing.common_prefixes.iter().filter_map(|p| StorePrefix::new(format!("{}/", p.as_ref())).ok()).collect();
         keys.sort();
         prefixes.sort();
         Ok(StoreKeysPrefixes::new(keys, prefixes))
@@ -531,16 +475,10 @@ impl WritableStorageTraits for RemoteStorage {
     fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {
         self.check_writable()?;
         let path = ObjectPath::from(key.as_str());
-        self.block_on(self.store.put(&path, value.into()))
-            .map(|_| ())
-            .map_err(|e| Self::error(key.as_str(), e))
+        self.block_on(self.store.put(&path, value.into())).map(|_| ()).map_err(|e| Self::error(key.as_str(), e))
     }
 
-    fn set_partial_many(
-        &self,
-        key: &StoreKey,
-        offset_values: OffsetBytesIterator,
-    ) -> Result<(), StorageError> {
+    fn set_partial_many(&self, key: &StoreKey, offset_values: OffsetBytesIterator) -> Result<(), StorageError> {
         zarrs::storage::store_set_partial_many(self, key, offset_values)
     }
 
@@ -590,9 +528,7 @@ impl RemoteStorage {
 fn aws_config_files() -> Vec<(object_store::aws::AmazonS3ConfigKey, String)> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let file = |var: &str, default: &str| -> Option<String> {
-        let path = std::env::var_os(var)
-            .map(PathBuf::from)
-            .or_else(|| home.as_ref().map(|h| h.join(default)))?;
+        let path = std::env::var_os(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(default)))?;
         std::fs::read_to_string(path).ok()
     };
     let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
@@ -614,11 +550,7 @@ fn aws_profile_settings(
     config_file: bool,
 ) -> Vec<(object_store::aws::AmazonS3ConfigKey, String)> {
     use object_store::aws::AmazonS3ConfigKey as K;
-    let wanted = if config_file && profile != "default" {
-        format!("profile {profile}")
-    } else {
-        profile.to_string()
-    };
+    let wanted = if config_file && profile != "default" { format!("profile {profile}") } else { profile.to_string() };
     let mut section = String::new();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -674,22 +606,14 @@ impl ConsolidatedV2 {
         let docs = metadata
             .iter()
             .filter(|(k, _)| is_v2_metadata_key(k))
-            .map(|(k, v)| {
-                (
-                    k.trim_start_matches('/').to_string(),
-                    Bytes::from(v.to_string()),
-                )
-            })
+            .map(|(k, v)| (k.trim_start_matches('/').to_string(), Bytes::from(v.to_string())))
             .collect();
         Ok(ConsolidatedV2 { inner, docs })
     }
 
     fn keys_under<'a>(&'a self, prefix: &'a StorePrefix) -> impl Iterator<Item = &'a str> + 'a {
         let p = prefix.as_str();
-        self.docs
-            .keys()
-            .map(String::as_str)
-            .filter(move |k| k.starts_with(p))
+        self.docs.keys().map(String::as_str).filter(move |k| k.starts_with(p))
     }
 }
 
@@ -709,9 +633,7 @@ impl ReadableStorageTraits for ConsolidatedV2 {
         let parts: Vec<Result<Bytes, StorageError>> = byte_ranges
             .map(|r| {
                 if r.end(size) > size || r.start(size) > r.end(size) {
-                    return Err(
-                        zarrs::storage::byte_range::InvalidByteRangeError::new(r, size).into(),
-                    );
+                    return Err(zarrs::storage::byte_range::InvalidByteRangeError::new(r, size).into());
                 }
                 let range = r.to_range_usize(size);
                 Ok(doc.slice(range))
@@ -738,10 +660,7 @@ impl ListableStorageTraits for ConsolidatedV2 {
     }
 
     fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
-        let mut keys: StoreKeys = self
-            .keys_under(prefix)
-            .filter_map(|k| StoreKey::new(k).ok())
-            .collect();
+        let mut keys: StoreKeys = self.keys_under(prefix).filter_map(|k| StoreKey::new(k).ok()).collect();
         keys.sort();
         Ok(keys)
     }
@@ -762,14 +681,8 @@ impl ListableStorageTraits for ConsolidatedV2 {
                 }
             }
         }
-        let keys = keys
-            .into_iter()
-            .filter_map(|k| StoreKey::new(k).ok())
-            .collect();
-        let prefixes = prefixes
-            .into_iter()
-            .filter_map(|k| StorePrefix::new(k).ok())
-            .collect();
+        let keys = keys.into_iter().filter_map(|k| StoreKey::new(k).ok()).collect();
+        let prefixes = prefixes.into_iter().filter_map(|k| StorePrefix::new(k).ok()).collect();
         Ok(StoreKeysPrefixes::new(keys, prefixes))
     }
 
@@ -789,7 +702,8 @@ mod tests {
     #[test]
     fn cache_namespaces_name_objects_absolutely() {
         let settings = RemoteSettings::default();
-        let name = |url: &str, key: &str| format!("{}{key}", RemoteStorage::connect(url, &settings).unwrap().cache_namespace);
+        let name =
+            |url: &str, key: &str| format!("{}{key}", RemoteStorage::connect(url, &settings).unwrap().cache_namespace);
         assert_eq!(name("http://h:1/x.zarr", "grp/a/c/0"), name("http://h:1/x.zarr/grp/", "a/c/0"));
         assert_ne!(name("http://h:1/x.zarr", "a/c/0"), name("http://h:2/x.zarr", "a/c/0"));
     }
@@ -815,41 +729,18 @@ mod tests {
         assert!(!is_url("s3.zarr"));
         assert_eq!(
             parse_target("s3://bucket/a/b.zarr/").unwrap(),
-            Target::S3 {
-                bucket: "bucket".into(),
-                prefix: "a/b.zarr".into()
-            }
+            Target::S3 { bucket: "bucket".into(), prefix: "a/b.zarr".into() }
         );
-        assert_eq!(
-            parse_target("s3://bucket").unwrap(),
-            Target::S3 {
-                bucket: "bucket".into(),
-                prefix: "".into()
-            }
-        );
+        assert_eq!(parse_target("s3://bucket").unwrap(), Target::S3 { bucket: "bucket".into(), prefix: "".into() });
         assert!(parse_target("s3:///x").is_err());
-        assert_eq!(
-            parse_target("http://h:1/x.zarr/").unwrap(),
-            Target::Http {
-                url: "http://h:1/x.zarr".into()
-            }
-        );
+        assert_eq!(parse_target("http://h:1/x.zarr/").unwrap(), Target::Http { url: "http://h:1/x.zarr".into() });
     }
 
     #[test]
     fn writable_http_is_refused_before_any_request() {
         // Port 9 (discard) on loopback: nothing is asked of it.
-        let e = open_url(
-            "http://127.0.0.1:9/x.zarr/",
-            &RemoteSettings::default(),
-            true,
-        )
-        .err()
-        .unwrap();
-        assert_eq!(
-            e.to_string(),
-            format!("http://127.0.0.1:9/x.zarr: {HTTP_READ_ONLY}")
-        );
+        let e = open_url("http://127.0.0.1:9/x.zarr/", &RemoteSettings::default(), true).err().unwrap();
+        assert_eq!(e.to_string(), format!("http://127.0.0.1:9/x.zarr: {HTTP_READ_ONLY}"));
     }
 
     #[test]
@@ -863,18 +754,15 @@ mod tests {
         assert_eq!(s.retries, 0);
         assert_eq!(s.disk_cache, Some(PathBuf::from("/tmp/c")));
         assert_eq!(s.disk_cache_bytes, 10 << 30);
-        assert!(s
-            .apply_option("disk_cache", None)
-            .unwrap_err()
-            .contains("disk_cache"));
+        assert!(s.apply_option("disk_cache", None).unwrap_err().contains("disk_cache"));
         assert!(s.apply_option("remote_retries", Some("x")).is_err());
         assert!(s.apply_option("remote_timeout", Some("0")).is_err());
     }
 
     #[test]
     fn mount_option_strings() {
-        let mut s = crate::options::MountSettings::default();
-        crate::options::apply_options(
+        let mut s = crate::cli::options::MountSettings::default();
+        crate::cli::options::apply_options(
             &mut s,
             "ro,remote_timeout=500ms,remote_retries=2,disk_cache=/c,disk_cache_size=1G",
         )
@@ -883,7 +771,7 @@ mod tests {
         assert_eq!(s.remote.retries, 2);
         assert_eq!(s.remote.disk_cache, Some(PathBuf::from("/c")));
         assert_eq!(s.remote.disk_cache_bytes, 1 << 30);
-        assert!(crate::options::apply_options(&mut s, "disk_cache_size=lots").is_err());
+        assert!(crate::cli::options::apply_options(&mut s, "disk_cache_size=lots").is_err());
     }
 
     #[test]
@@ -893,37 +781,20 @@ mod tests {
         let config = "[default]\nregion = eu-west-1\n[profile other]\nregion = us-west-2\nendpoint_url = http://127.0.0.1:9000\n";
         assert_eq!(
             aws_profile_settings(creds, "default", false),
-            vec![
-                (K::AccessKeyId, "A".to_string()),
-                (K::SecretAccessKey, "S".to_string())
-            ]
+            vec![(K::AccessKeyId, "A".to_string()), (K::SecretAccessKey, "S".to_string())]
         );
-        assert_eq!(
-            aws_profile_settings(creds, "other", false),
-            vec![(K::AccessKeyId, "B".to_string())]
-        );
+        assert_eq!(aws_profile_settings(creds, "other", false), vec![(K::AccessKeyId, "B".to_string())]);
         assert_eq!(
             aws_profile_settings(config, "other", true),
-            vec![
-                (K::Region, "us-west-2".to_string()),
-                (K::Endpoint, "http://127.0.0.1:9000".to_string())
-            ]
+            vec![(K::Region, "us-west-2".to_string()), (K::Endpoint, "http://127.0.0.1:9000".to_string())]
         );
-        assert_eq!(
-            aws_profile_settings(config, "default", true),
-            vec![(K::Region, "eu-west-1".to_string())]
-        );
+        assert_eq!(aws_profile_settings(config, "default", true), vec![(K::Region, "eu-west-1".to_string())]);
     }
 
     #[test]
     fn consolidated_v2_overlay() {
         let inner = Arc::new(MemoryStore::new());
-        inner
-            .set(
-                &StoreKey::new("grp/arr/0.0").unwrap(),
-                Bytes::from_static(b"chunk"),
-            )
-            .unwrap();
+        inner.set(&StoreKey::new("grp/arr/0.0").unwrap(), Bytes::from_static(b"chunk")).unwrap();
         let zmetadata = serde_json::json!({
             "zarr_consolidated_format": 1,
             "metadata": {
@@ -937,40 +808,14 @@ mod tests {
         let overlay = ConsolidatedV2::new(inner, zmetadata.to_string().as_bytes()).unwrap();
         let root = overlay.list_dir(&StorePrefix::root()).unwrap();
         assert_eq!(root.keys(), &vec![StoreKey::new(".zgroup").unwrap()]);
-        assert_eq!(
-            root.prefixes(),
-            &vec![
-                StorePrefix::new("grp/").unwrap(),
-                StorePrefix::new("other/").unwrap()
-            ]
-        );
-        let grp = overlay
-            .list_dir(&StorePrefix::new("grp/").unwrap())
-            .unwrap();
+        assert_eq!(root.prefixes(), &vec![StorePrefix::new("grp/").unwrap(), StorePrefix::new("other/").unwrap()]);
+        let grp = overlay.list_dir(&StorePrefix::new("grp/").unwrap()).unwrap();
         assert_eq!(grp.prefixes(), &vec![StorePrefix::new("grp/arr/").unwrap()]);
         assert_eq!(grp.keys().len(), 2);
-        let attrs = overlay
-            .get(&StoreKey::new("grp/.zattrs").unwrap())
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            serde_json::from_slice::<Value>(&attrs).unwrap(),
-            serde_json::json!({"a": 1})
-        );
-        assert!(overlay
-            .get(&StoreKey::new("other/.zattrs").unwrap())
-            .unwrap()
-            .is_none());
-        assert_eq!(
-            &overlay
-                .get(&StoreKey::new("grp/arr/0.0").unwrap())
-                .unwrap()
-                .unwrap()[..],
-            b"chunk"
-        );
-        assert!(overlay
-            .get(&StoreKey::new("grp/arr/0.1").unwrap())
-            .unwrap()
-            .is_none());
+        let attrs = overlay.get(&StoreKey::new("grp/.zattrs").unwrap()).unwrap().unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&attrs).unwrap(), serde_json::json!({"a": 1}));
+        assert!(overlay.get(&StoreKey::new("other/.zattrs").unwrap()).unwrap().is_none());
+        assert_eq!(&overlay.get(&StoreKey::new("grp/arr/0.0").unwrap()).unwrap().unwrap()[..], b"chunk");
+        assert!(overlay.get(&StoreKey::new("grp/arr/0.1").unwrap()).unwrap().is_none());
     }
 }

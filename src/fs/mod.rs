@@ -11,11 +11,13 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
+mod dirty;
+
 use crate::cache::{Chunk, ChunkCache, ChunkKey, Claim, Flight};
 use crate::layout::ChunkLayout;
 use crate::npy;
-use crate::source::{ArrayInfo, ChunkDecoder, ChunkWriter, DecodeError, GroupInfo, OpenArray};
-use crate::writeback::DirtyChunks;
+use crate::source::{ArrayInfo, ChunkDecoder, ChunkError, ChunkWriter, GroupInfo, OpenArray};
+use dirty::DirtyChunks;
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -64,7 +66,10 @@ pub struct StatFs {
 
 #[derive(Debug)]
 enum NodeKind {
-    Dir { children: BTreeMap<OsString, Ino>, group: Option<usize> },
+    Dir {
+        children: BTreeMap<OsString, Ino>,
+        group: Option<usize>,
+    },
     /// The flat file of array `.0`.
     Data(usize),
     /// The `.npy` view of array `.0`.
@@ -167,7 +172,11 @@ impl ZarrFs {
         let mut fs = ZarrFs {
             nodes: vec![
                 // Index 0 is unused so that an inode number is its index.
-                Node { parent: 0, kind: NodeKind::Dir { children: BTreeMap::new(), group: None }, mtime: SystemTime::UNIX_EPOCH },
+                Node {
+                    parent: 0,
+                    kind: NodeKind::Dir { children: BTreeMap::new(), group: None },
+                    mtime: SystemTime::UNIX_EPOCH,
+                },
                 Node {
                     parent: ROOT_INO,
                     kind: NodeKind::Dir { children: BTreeMap::new(), group: None },
@@ -268,10 +277,9 @@ impl ZarrFs {
         let node = self.node(ino)?;
         let (kind, size, perm, nlink) = match &node.kind {
             NodeKind::Dir { children, .. } => {
-                let subdirs = children
-                    .values()
-                    .filter(|c| matches!(self.nodes[**c as usize].kind, NodeKind::Dir { .. }))
-                    .count() as u32;
+                let subdirs =
+                    children.values().filter(|c| matches!(self.nodes[**c as usize].kind, NodeKind::Dir { .. })).count()
+                        as u32;
                 let perm = if self.options.writable { 0o755 } else { 0o555 };
                 (FileKind::Directory, 0, perm, 2 + subdirs)
             }
@@ -313,7 +321,9 @@ impl ZarrFs {
     pub fn open(&self, ino: Ino, write: bool) -> Result<u64, Errno> {
         match self.node(ino)?.kind {
             NodeKind::Dir { .. } => return Err(libc::EISDIR),
-            NodeKind::Data(a) | NodeKind::Npy(a) if write && self.arrays[a].writer.is_none() => return Err(libc::EROFS),
+            NodeKind::Data(a) | NodeKind::Npy(a) if write && self.arrays[a].writer.is_none() => {
+                return Err(libc::EROFS)
+            }
             _ => {}
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -541,7 +551,15 @@ impl ZarrFs {
         let pieces = a.layout.pieces(start, len);
         let pieces: Vec<_> = pieces
             .iter()
-            .map(|p| (chunk_key(index, a, &p.chunk), p.chunk.as_slice(), p.chunk_offset as usize, p.out_offset as usize, p.len as usize))
+            .map(|p| {
+                (
+                    chunk_key(index, a, &p.chunk),
+                    p.chunk.as_slice(),
+                    p.chunk_offset as usize,
+                    p.out_offset as usize,
+                    p.len as usize,
+                )
+            })
             .collect();
         // Chunks not yet dirty start from their stored contents; load those first, outside any
         // lock, then apply the whole write at once (again if a write-back retired a chunk).
@@ -610,7 +628,7 @@ impl ZarrFs {
         result
     }
 
-    fn store_and_retire(&self, batch: &[crate::writeback::Snapshot]) -> Result<(), Errno> {
+    fn store_and_retire(&self, batch: &[dirty::Snapshot]) -> Result<(), Errno> {
         let mut result = Ok(());
         for group in batch.chunk_by(|x, y| x.key.0 == y.key.0) {
             let a = &self.arrays[group[0].key.0 as usize];
@@ -641,7 +659,11 @@ impl ZarrFs {
 
     /// Creating, removing or renaming entries: the tree mirrors the store's hierarchy.
     pub fn tree_change_errno(&self) -> Errno {
-        if self.options.writable { libc::EPERM } else { libc::EROFS }
+        if self.options.writable {
+            libc::EPERM
+        } else {
+            libc::EROFS
+        }
     }
 
     /// Write dirty chunks back every `every` until the filesystem is dropped, so little is at
@@ -669,11 +691,7 @@ impl ZarrFs {
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>, Errno> {
         let name = name.to_str().ok_or(libc::ENODATA)?;
-        self.xattrs(ino)?
-            .into_iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_bytes())
-            .ok_or(libc::ENODATA)
+        self.xattrs(ino)?.into_iter().find(|(k, _)| k == name).map(|(_, v)| v.into_bytes()).ok_or(libc::ENODATA)
     }
 
     /// Arrays describe themselves (shape, dtype, ...); groups carry their attributes; the root
@@ -685,22 +703,14 @@ impl ZarrFs {
         match &node.kind {
             NodeKind::Data(a) | NodeKind::Npy(a) => {
                 let a = &self.arrays[*a];
-                let i = &a.info;
-                out.push(("user.zarr.path".into(), i.path.clone()));
-                out.push(("user.zarr.shape".into(), json!(i.shape).to_string()));
-                out.push(("user.zarr.dtype".into(), i.dtype.clone()));
-                out.push(("user.zarr.chunks".into(), json!(i.chunks).to_string()));
-                out.push(("user.zarr.fill_value".into(), i.fill_value.to_string()));
-                out.push(("user.zarr.attributes".into(), i.attributes.to_string()));
-                out.push(("user.zarr.codecs".into(), i.codecs.to_string()));
-                out.push(("user.zarr.zarr_format".into(), i.zarr_format.to_string()));
+                out.extend(a.info.xattrs.iter().cloned());
                 if matches!(node.kind, NodeKind::Npy(_)) {
                     out.push(("user.npy.data_offset".into(), a.npy_header.len().to_string()));
                 }
             }
             NodeKind::Dir { group, .. } => {
                 if let Some(g) = group {
-                    out.push(("user.zarr.attributes".into(), self.groups[*g].attributes.to_string()));
+                    out.extend(self.groups[*g].xattrs.iter().cloned());
                 }
                 if ino == ROOT_INO {
                     out.push(("user.zarrfs.stats".into(), self.stats_json().to_string()));
@@ -745,7 +755,11 @@ impl ZarrFs {
 }
 
 fn file_perm(a: &MountedArray) -> u16 {
-    if a.writer.is_some() { 0o644 } else { 0o444 }
+    if a.writer.is_some() {
+        0o644
+    } else {
+        0o444
+    }
 }
 
 fn chunk_key(array: usize, a: &MountedArray, chunk: &[u64]) -> ChunkKey {
@@ -760,18 +774,24 @@ fn load_chunk(cache: &ChunkCache, array: usize, a: &MountedArray, chunk: &[u64])
 }
 
 /// Decode a chunk this caller has claimed (see [`ChunkCache::claim`]).
-fn lead_decode(cache: &ChunkCache, a: &MountedArray, chunk: &[u64], key: ChunkKey, flight: &Flight) -> Result<Chunk, DecodeError> {
+fn lead_decode(
+    cache: &ChunkCache,
+    a: &MountedArray,
+    chunk: &[u64],
+    key: ChunkKey,
+    flight: &Flight,
+) -> Result<Chunk, ChunkError> {
     cache.lead(key, flight, a.layout.chunk_bytes(), || decode_checked(a, chunk))
 }
 
 /// Decode a chunk and check its size; a failure is logged here, once, by the one decode that
 /// all readers of the chunk share (each of them gets EIO).
-fn decode_checked(a: &MountedArray, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
+fn decode_checked(a: &MountedArray, chunk: &[u64]) -> Result<Vec<u8>, ChunkError> {
     a.decoder
         .decode(chunk)
         .and_then(|bytes| match bytes.len() as u64 == a.layout.chunk_bytes() {
             true => Ok(bytes),
-            false => Err(DecodeError {
+            false => Err(ChunkError::Decode {
                 key: format!("{chunk:?}"),
                 reason: format!("decoded {} bytes, expected {}", bytes.len(), a.layout.chunk_bytes()),
             }),
@@ -793,7 +813,7 @@ pub fn prefetch_depth(layout: &ChunkLayout, cache_bytes: u64, decode_threads: us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::ChunkWriter;
+    use crate::source::{ChunkWriter, Format};
     use std::sync::atomic::AtomicUsize;
 
     /// A 2-D uint16 array whose element (r, c) is `r * cols + c` (mod 2^16), served by a decoder
@@ -810,12 +830,14 @@ mod tests {
             (r * self.shape[1] + c) as u16
         }
         fn expected(&self) -> Vec<u8> {
-            (0..self.shape[0]).flat_map(|r| (0..self.shape[1]).flat_map(move |c| self.value(r, c).to_ne_bytes())).collect()
+            (0..self.shape[0])
+                .flat_map(|r| (0..self.shape[1]).flat_map(move |c| self.value(r, c).to_ne_bytes()))
+                .collect()
         }
     }
 
     impl ChunkDecoder for Synthetic {
-        fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, DecodeError> {
+        fn decode(&self, chunk: &[u64]) -> Result<Vec<u8>, ChunkError> {
             *self.decodes.lock().unwrap().entry(chunk.to_vec()).or_default() += 1;
             self.total.fetch_add(1, Ordering::SeqCst);
             let mut out = Vec::new();
@@ -831,7 +853,7 @@ mod tests {
 
     struct NoWrites;
     impl ChunkWriter for NoWrites {
-        fn store_chunks(&self, _: &[(&[u64], &[u8])]) -> Result<(), DecodeError> {
+        fn store_chunks(&self, _: &[(&[u64], &[u8])]) -> Result<(), ChunkError> {
             Ok(())
         }
     }
@@ -848,8 +870,9 @@ mod tests {
             fill_value: json!(0),
             attributes: json!({"units": "m"}),
             codecs: json!([]),
-            zarr_format: 3,
+            format: Format::Zarr { version: 3 },
             mtime: SystemTime::UNIX_EPOCH,
+            xattrs: vec![("user.zarr.shape".into(), json!(shape).to_string())],
         };
         let array = OpenArray { info, decoder: source.clone(), writer: Some(Arc::new(NoWrites)) };
         let options = FsOptions { cache_bytes, decode_threads: 2, uid: 0, gid: 0, writable: false };
@@ -870,7 +893,8 @@ mod tests {
     #[test]
     fn tree_attributes_and_xattrs() {
         let (fs, _) = mount([30, 20], [8, 8], 1 << 20);
-        let names: Vec<_> = fs.readdir(fs.lookup(ROOT_INO, OsStr::new("grp")).unwrap().ino).unwrap().into_iter().map(|e| e.2).collect();
+        let names: Vec<_> =
+            fs.readdir(fs.lookup(ROOT_INO, OsStr::new("grp")).unwrap().ino).unwrap().into_iter().map(|e| e.2).collect();
         assert_eq!(names, [".", "..", "a", "a.npy"]);
         let a = fs.getattr(file(&fs, "a")).unwrap();
         assert_eq!((a.size, a.perm), (30 * 20 * 2, 0o444));
@@ -1032,7 +1056,7 @@ mod tests {
     /// A store that takes its time on its first call: says it started, then waits to be let go.
     struct SlowFirstStore(Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>);
     impl ChunkWriter for SlowFirstStore {
-        fn store_chunks(&self, _: &[(&[u64], &[u8])]) -> Result<(), DecodeError> {
+        fn store_chunks(&self, _: &[(&[u64], &[u8])]) -> Result<(), ChunkError> {
             if let Some((started, go)) = self.0.lock().unwrap().take() {
                 started.send(()).unwrap();
                 go.recv().unwrap();
@@ -1050,11 +1074,25 @@ mod tests {
         let (go, go_rx) = std::sync::mpsc::channel();
         let budget = 64 * 64 * 2 * 16; // 16 chunks of 64x64 u16
         let info = ArrayInfo {
-            path: "/a".into(), dtype: "<u2".into(), itemsize: 2, shape: vec![64, 64 * 64], chunks: vec![64, 64],
-            decode_chunk_shape: vec![64, 64], fill_value: json!(0), attributes: json!({}), codecs: json!([]),
-            zarr_format: 3, mtime: SystemTime::UNIX_EPOCH,
+            path: "/a".into(),
+            dtype: "<u2".into(),
+            itemsize: 2,
+            shape: vec![64, 64 * 64],
+            chunks: vec![64, 64],
+            decode_chunk_shape: vec![64, 64],
+            fill_value: json!(0),
+            attributes: json!({}),
+            codecs: json!([]),
+            format: Format::Zarr { version: 3 },
+            mtime: SystemTime::UNIX_EPOCH,
+            xattrs: vec![],
         };
-        let source = Arc::new(Synthetic { shape: [64, 4096], chunks: [64, 64], decodes: Mutex::default(), total: AtomicUsize::new(0) });
+        let source = Arc::new(Synthetic {
+            shape: [64, 4096],
+            chunks: [64, 64],
+            decodes: Mutex::default(),
+            total: AtomicUsize::new(0),
+        });
         let writer = Arc::new(SlowFirstStore(Mutex::new(Some((started_tx, go_rx)))));
         let array = OpenArray { info, decoder: source, writer: Some(writer) };
         let options = FsOptions { cache_bytes: budget, decode_threads: 2, uid: 0, gid: 0, writable: true };

@@ -1,0 +1,3 @@
+//! Settings from the command line and from `-o` option strings.
+
+pub mod options;
