@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 # One cargo profile for everything (build, tests, benchmarks): release.
 CARGO_FLAGS := --release --locked
 
-.PHONY: all build test test-rust test-python demo bench install uninstall system-deps venv clean
+.PHONY: all build lint test test-rust test-python demo bench install uninstall system-deps rust-tools venv clean
 
 all: build
 
@@ -39,11 +39,26 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
+# rustfmt and clippy come with rustup's default profile; a minimal toolchain lacks them.
+rust-tools:
+	@cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+
 build: system-deps
 	cargo build $(CARGO_FLAGS)
 
-test: build venv
+# Style is enforced: unformatted code or any clippy warning fails `make test` (and so CI).
+# Same profile as the build; clippy only type-checks the dependencies (no code generation).
+lint: system-deps rust-tools
+	cargo fmt --check
+	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+
+test: lint test-rust test-python
+
+test-rust: build
 	cargo test $(CARGO_FLAGS)
+
+test-python: build venv
 	$(VENV)/bin/pytest -q tests/python
 
 demo: build venv
