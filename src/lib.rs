@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod create;
 pub mod fs;
 pub mod fuse;
 pub mod layout;
@@ -12,3 +13,4 @@ pub mod mount;
 pub mod npy;
 pub mod source;
 pub mod storage;
+pub mod text;

@@ -15,7 +15,6 @@ use zarrfs::cli::options::{apply_options, parse_size, MountSettings};
 use zarrfs::fs::{FsOptions, ZarrFs};
 use zarrfs::fuse::FuseAdapter;
 use zarrfs::mount;
-use zarrfs::source::Store;
 
 #[derive(Parser)]
 #[command(name = "zarrfs", version, about = "Mount Zarr arrays as flat, memory-mappable files")]
@@ -188,7 +187,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => mount(&args),
         Command::Create(args) => {
             let (store, path) = split_target(&args.target);
-            let spec = zarrfs::source::zarr::NewArray {
+            let spec = zarrfs::create::NewArray {
                 shape: args.shape,
                 chunks: args.chunks,
                 dtype: args.dtype,
@@ -196,8 +195,7 @@ fn main() -> ExitCode {
                 fill: args.fill,
                 zarr_format: args.zarr_format,
             };
-            zarrfs::source::zarr::create_array(&store, &path, &spec)
-                .map_err(|e| format!("{}: {e}", args.target.display()))
+            zarrfs::create::create_array(&store, &path, &spec).map_err(|e| format!("{}: {e}", args.target.display()))
         }
     };
     match result {
@@ -210,11 +208,7 @@ fn main() -> ExitCode {
 }
 
 fn info(store_path: &Path, as_json: bool) -> Result<(), String> {
-    let store = match zarrfs::storage::remote::url_of(store_path) {
-        Some(url) => zarrfs::storage::remote::open_url(url, &Default::default(), false),
-        None => Store::open(store_path),
-    }
-    .map_err(|e| e.to_string())?;
+    let store = zarrfs::source::open(store_path, &Default::default()).map_err(|e| e.to_string())?;
     let rows: Vec<_> = store
         .arrays
         .iter()
@@ -419,11 +413,8 @@ fn serve(
             .map_err(|e| e.to_string())?;
     }
 
-    let store = match zarrfs::storage::remote::url_of(store_path) {
-        Some(url) => zarrfs::storage::remote::open_url(url, &settings.remote, settings.read_write),
-        None => Store::open_local(store_path, settings.read_write),
-    }
-    .map_err(|e| e.to_string())?;
+    let config = zarrfs::source::OpenConfig { writable: settings.read_write, remote: settings.remote.clone() };
+    let store = zarrfs::source::open(store_path, &config).map_err(|e| e.to_string())?;
     let mountpoint = mount::check_mountpoint(mountpoint)?;
     let store_abs = std::fs::canonicalize(store_path).unwrap_or_else(|_| store_path.to_path_buf());
     let root_name = root_array_name(&store_abs);
@@ -471,7 +462,7 @@ fn serve(
         // serving path, since a big store takes a while to walk.
         let root = store_path.to_path_buf();
         let _ = std::thread::Builder::new().name("zarrfs-sweep".into()).spawn(move || {
-            zarrfs::source::zarr::remove_dead_temp_files(&root);
+            zarrfs::storage::local::remove_dead_temp_files(&root);
         });
     }
     // Returns when the kernel ends the connection: after any unmount, ours or the user's.
@@ -542,7 +533,7 @@ fn open_log_target(log_file: Option<&str>) -> Result<std::fs::File, String> {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("log file {path}: {}", zarrfs::source::zarr::io_reason(&e))),
+            .map_err(|e| format!("log file {path}: {}", zarrfs::text::io_reason(&e))),
         None => std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| format!("/dev/null: {e}")),
     }
 }

@@ -3,14 +3,20 @@
 //! bytes (and a [`ChunkWriter`] on writable stores). Everything above this module sees only
 //! these, which keeps the filesystem testable with in-memory decoders and leaves room for
 //! other formats beside [`zarr`].
+//!
+//! [`open`] is the one entry point: it has [`crate::storage`] build the storage for a location
+//! (local directory or URL) and hands it to the format's reader.
 
 pub mod zarr;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::Value;
+
+use crate::storage::remote::RemoteSettings;
+use crate::storage::StorageConfig;
 
 /// Why a chunk could not be produced or stored. Shown in the log; the reader gets `EIO`.
 /// `Display` is the one-line message (`chunk KEY: REASON`).
@@ -122,8 +128,11 @@ pub struct Store {
     pub arrays: Vec<OpenArray>,
     pub skipped: Vec<Skipped>,
     /// Bytes stored under a node path (its chunks and metadata), where the store can be listed.
-    pub stored_bytes: Box<dyn Fn(&str) -> Option<u64> + Send + Sync>,
+    pub stored_bytes: StoredBytes,
 }
+
+/// Bytes stored under a node path, where the store can be listed (see [`Store::stored_bytes`]).
+pub type StoredBytes = Box<dyn Fn(&str) -> Option<u64> + Send + Sync>;
 
 impl Store {
     /// Bytes stored under a node (its chunks and metadata), where the store can be listed.
@@ -138,4 +147,48 @@ impl Store {
 pub struct OpenError {
     pub store: PathBuf,
     pub reason: String,
+}
+
+/// How to open a store.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConfig {
+    /// Prepare every array for storing chunks back (local stores and S3).
+    pub writable: bool,
+    /// Remote stores: timeouts, retries, disk cache.
+    pub remote: RemoteSettings,
+}
+
+/// Open the store at `location` (a local directory or an `s3://`/`http(s)://` URL) and walk its
+/// whole hierarchy. Fails on anything that makes the store unreadable as a whole; arrays that
+/// cannot be shown are in [`Store::skipped`].
+pub fn open(location: &Path, config: &OpenConfig) -> Result<Store, OpenError> {
+    let storage_config = StorageConfig { writable: config.writable, remote: &config.remote, roles: zarr::KEY_ROLES };
+    let storage = crate::storage::open(location, &storage_config)
+        .map_err(|e| OpenError { store: crate::storage::display_name(location), reason: e.to_string() })?;
+    zarr::open(storage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writable_http_is_refused_before_any_request() {
+        // Port 9 (discard) on loopback: nothing is asked of it.
+        let config = OpenConfig { writable: true, ..Default::default() };
+        let e = open(Path::new("http://127.0.0.1:9/x.zarr/"), &config).err().unwrap();
+        assert_eq!(e.to_string(), format!("http://127.0.0.1:9/x.zarr: {}", crate::storage::remote::HTTP_READ_ONLY));
+    }
+
+    #[test]
+    fn local_errors_name_the_store() {
+        let e = open(Path::new("/nonexistent/x.zarr"), &OpenConfig::default()).err().unwrap();
+        assert_eq!(e.to_string(), "/nonexistent/x.zarr: no such file or directory");
+        let dir = tempfile::tempdir().unwrap();
+        let e = open(dir.path(), &OpenConfig::default()).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: not a Zarr store (no zarr.json, .zgroup or .zarray at its root)", dir.path().display())
+        );
+    }
 }

@@ -27,11 +27,11 @@
 //! the version record's recency, so it is not evicted while a fetch of its key is in flight,
 //! short of the whole cache turning over during that one fetch).
 //!
-//! Freshness: chunks are served from the cache first (objects of a Zarr store are assumed
-//! immutable while cached, but for writes made through mounts sharing the directory). Metadata
-//! documents go to the remote first and are refreshed in the cache, including "absent" answers;
-//! when the remote cannot be reached, the cached copies are served, so a store can be remounted
-//! while its server is down.
+//! Freshness: objects are served from the cache first (assumed immutable while cached, but for
+//! writes made through mounts sharing the directory). Metadata documents, which the caller names
+//! (a predicate given to [`DiskCache::open`]: the cache knows no format), go to the remote first
+//! and are refreshed in the cache, including "absent" answers; when the remote cannot be
+//! reached, the cached copies are served, so a store can be remounted while its server is down.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -40,8 +40,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::SystemTime;
+
+use parking_lot::Mutex;
 
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
@@ -75,6 +76,8 @@ pub struct DiskCache {
     /// `DIR/usage`, flocked for inserts and evictions; the mutex orders this process's threads
     /// (a flock is shared by every thread holding the same open file).
     usage: Mutex<File>,
+    /// The keys that can change in place (metadata): fetched from the remote first.
+    is_metadata: fn(&StoreKey) -> bool,
 }
 
 /// What the cache holds for one identity.
@@ -105,21 +108,22 @@ const VERSION_SUFFIX: &str = "-v";
 impl DiskCache {
     /// Open (creating if needed) the cache directory `dir`, bounded to `bound` bytes of disk,
     /// for the store whose keys are named absolutely by `namespace` + key (see
-    /// `RemoteStorage::cache_namespace`). Recounts the directory and trims it to the bound.
-    pub fn open(inner: ReadableListableStorage, dir: &Path, bound: u64, namespace: &str) -> Result<DiskCache, String> {
+    /// `RemoteStorage::cache_namespace`); `is_metadata` names the keys that can change in place
+    /// and are refreshed from the remote first. Recounts the directory and trims it to the bound.
+    pub fn open(
+        inner: ReadableListableStorage,
+        dir: &Path,
+        bound: u64,
+        namespace: &str,
+        is_metadata: fn(&StoreKey) -> bool,
+    ) -> std::io::Result<DiskCache> {
         let objects = dir.join("objects");
         let tmp = dir.join("tmp");
         for d in [&objects, &tmp] {
-            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(d)?;
         }
-        let root = std::fs::canonicalize(dir).map_err(|e| e.to_string())?;
-        let usage = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(root.join("usage"))
-            .map_err(|e| e.to_string())?;
+        let root = std::fs::canonicalize(dir)?;
+        let usage = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(root.join("usage"))?;
         let cache = DiskCache {
             inner,
             writer: None,
@@ -129,10 +133,11 @@ impl DiskCache {
             root,
             bound,
             usage: Mutex::new(usage),
+            is_metadata,
         };
         {
             let guard = cache.lock();
-            let total = cache.rescan_and_evict(0, true).map_err(|e| e.to_string())?;
+            let total = cache.rescan_and_evict(0, true)?;
             guard.write_usage(total);
         }
         Ok(cache)
@@ -145,7 +150,7 @@ impl DiskCache {
     }
 
     fn lock(&self) -> UsageLock<'_> {
-        let file = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let file = self.usage.lock();
         // SAFETY: flock on a valid, open fd.
         while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
@@ -476,7 +481,7 @@ impl DiskCache {
 }
 
 struct UsageLock<'a> {
-    file: std::sync::MutexGuard<'a, File>,
+    file: parking_lot::MutexGuard<'a, File>,
 }
 
 impl UsageLock<'_> {
@@ -573,11 +578,6 @@ fn read_entry(file: &File, identity: &str, range: Option<&ByteRange>) -> Option<
     }
 }
 
-fn is_metadata_key(key: &StoreKey) -> bool {
-    let name = key.as_str().rsplit('/').next().unwrap_or("");
-    matches!(name, "zarr.json" | ".zarray" | ".zgroup" | ".zattrs" | ".zmetadata")
-}
-
 impl ReadableStorageTraits for DiskCache {
     fn get_partial_many<'a>(
         &'a self,
@@ -585,7 +585,7 @@ impl ReadableStorageTraits for DiskCache {
         byte_ranges: ByteRangeIterator<'a>,
     ) -> Result<MaybeBytesIterator<'a>, StorageError> {
         let ranges: Vec<ByteRange> = byte_ranges.collect();
-        let parts = if is_metadata_key(key) {
+        let parts = if (self.is_metadata)(key) {
             self.get_remote_first(key, ranges)?
         } else {
             self.get_cached_first(key, ranges)?
@@ -761,6 +761,30 @@ mod tests {
         }
     }
 
+    /// The caller's metadata predicate (the cache itself knows no names): what a Zarr source
+    /// passes, spelled out here so the cache is tested on its own.
+    fn metadata(k: &StoreKey) -> bool {
+        let name = k.as_str().rsplit('/').next().unwrap_or("");
+        matches!(name, "zarr.json" | ".zarray" | ".zgroup" | ".zattrs" | ".zmetadata")
+    }
+
+    /// zarrs' storage conformance tests, through the cache over a local directory (written
+    /// through the cache, so the cached copies are exercised too).
+    #[test]
+    fn conformance_over_a_local_store() {
+        let (cache_dir, store_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let local = Arc::new(crate::storage::local::LocalDir::new(store_dir.path()).unwrap());
+        let cache =
+            DiskCache::open(local.clone(), cache_dir.path(), 1 << 20, "local/", metadata).unwrap().with_writer(local);
+        zarrs_storage::store_test::store_write(&cache).unwrap();
+        zarrs_storage::store_test::store_read(&cache).unwrap();
+        // store_list is skipped: the cache delegates listing to the store below, and a local
+        // directory's list_dir does not sort its sub-prefixes (see storage::local's test).
+        zarrs_storage::store_test::store_list_size(&cache).unwrap();
+        // And again from the cache alone, as a remount would read it.
+        zarrs_storage::store_test::store_read(&cache).unwrap();
+    }
+
     fn key(k: &str) -> StoreKey {
         StoreKey::new(k).unwrap()
     }
@@ -779,7 +803,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("a/c/0", &[7u8; 10_000]);
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata).unwrap();
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
@@ -792,11 +816,11 @@ mod tests {
         // A new cache on the same directory (a remount) serves without the remote.
         drop(cache);
         remote.down.store(true, Ordering::SeqCst);
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata).unwrap();
         assert_eq!(cache.get(&key("a/c/0")).unwrap().unwrap().len(), 10_000);
         assert!(cache.get(&key("a/c/1")).is_err());
         // Another store sharing the directory does not see it.
-        let other = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/y/").unwrap();
+        let other = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/y/", metadata).unwrap();
         assert!(other.get(&key("a/c/0")).is_err());
     }
 
@@ -805,7 +829,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put(".zmetadata", b"{\"v\": 1}");
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "http://h/x/").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "http://h/x/", metadata).unwrap();
         assert_eq!(&cache.get(&key(".zmetadata")).unwrap().unwrap()[..], b"{\"v\": 1}");
         assert!(cache.get(&key("zarr.json")).unwrap().is_none());
         remote.put(".zmetadata", b"{\"v\": 2}");
@@ -824,8 +848,8 @@ mod tests {
         for i in 0..64 {
             remote.put(&format!("c/{i}"), &vec![i as u8; 20_000]);
         }
-        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/").unwrap();
-        let second = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/", metadata).unwrap();
+        let second = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/", metadata).unwrap();
         for i in 0..64 {
             // Keep c/0 hot; two caches (two daemons) insert into the same directory.
             assert_eq!(cache.get(&key("c/0")).unwrap().unwrap()[0], 0);
@@ -838,7 +862,7 @@ mod tests {
         assert_eq!(remote.gets.load(Ordering::SeqCst), before, "the hot entry was evicted");
         // Reopening with a smaller bound trims the directory.
         drop((cache, second));
-        let _small = DiskCache::open(remote.clone(), dir.path(), 64 << 10, "s3://b/x/").unwrap();
+        let _small = DiskCache::open(remote.clone(), dir.path(), 64 << 10, "s3://b/x/", metadata).unwrap();
         assert!(du(dir.path()) <= 64 << 10);
     }
 
@@ -847,7 +871,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("c/0", b"good");
-        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata).unwrap();
         let slot = cache.slot(&key("c/0"), &ByteRange::FromStart(0, None), &Version::Original);
         std::fs::write(cache.objects.join(&slot.name), b"ZFSC1\ngarbage").unwrap();
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"good");
@@ -886,10 +910,11 @@ mod tests {
         let remote = Flaky::new();
         remote.put("a/c/0", &[1u8; 1000]);
         remote.put("a/c/1", &[2u8; 1000]);
-        let writer =
-            DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap().with_writer(remote.clone());
+        let writer = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata)
+            .unwrap()
+            .with_writer(remote.clone());
         // Another daemon sharing the directory, read-only.
-        let reader = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
+        let reader = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata).unwrap();
         assert_eq!(reader.get(&key("a/c/0")).unwrap().unwrap()[0], 1);
         // Byte ranges cached on their own, as shard reads do.
         let tail = reader.get_partial(&key("a/c/1"), ByteRange::Suffix(8)).unwrap().unwrap();
@@ -910,7 +935,7 @@ mod tests {
         // A remount serves the new version without the remote.
         drop((writer, reader));
         remote.down.store(true, Ordering::SeqCst);
-        let again = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap();
+        let again = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata).unwrap();
         assert_eq!(&again.get(&key("a/c/1")).unwrap().unwrap()[..], &[3u8; 500]);
         assert!(again.get(&key("a/c/0")).is_err(), "a deleted chunk is not served");
     }
@@ -920,8 +945,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = Flaky::new();
         remote.put("c/0", b"old");
-        let cache =
-            DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/").unwrap().with_writer(remote.clone());
+        let cache = DiskCache::open(remote.clone(), dir.path(), 1 << 20, "s3://b/x/", metadata)
+            .unwrap()
+            .with_writer(remote.clone());
         assert_eq!(&cache.get(&key("c/0")).unwrap().unwrap()[..], b"old");
         remote.down.store(true, Ordering::SeqCst);
         assert!(cache.set(&key("c/0"), Bytes::from_static(b"new")).is_err());
@@ -937,8 +963,9 @@ mod tests {
         let bound = 128 << 10;
         let remote = Flaky::new();
         remote.put("hot/0", &[9u8; 20_000]);
-        let cache =
-            DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/").unwrap().with_writer(remote.clone());
+        let cache = DiskCache::open(remote.clone(), dir.path(), bound, "s3://b/x/", metadata)
+            .unwrap()
+            .with_writer(remote.clone());
         // An entry of the original version, then a write: two versions on disk.
         cache.get_partial(&key("hot/0"), ByteRange::Suffix(100)).unwrap();
         cache.set(&key("hot/0"), Bytes::from(vec![8u8; 20_000])).unwrap();
