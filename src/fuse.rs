@@ -97,8 +97,8 @@ impl Filesystem for FuseAdapter {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         // Read-only: keep the page cache across opens — contents never change while mounted,
         // and that cache is what lets a second reader (any process) skip the daemon entirely.
-        // Writable: an array's two files are separate page caches, so each open starts fresh
-        // (writes also invalidate the other file's pages, for readers that have it open).
+        // Writable: an array's files (views) are separate page caches, so each open starts fresh
+        // (writes also invalidate the other views' pages, for readers that have it open).
         let flags = if self.fs.writable() { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
         match self.fs.open(ino.0, write) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
@@ -351,11 +351,11 @@ fn empty_reply(result: Result<(), FsError>, reply: ReplyEmpty) {
     }
 }
 
-/// How long a write waits for the other view's stale pages to be dropped.
+/// How long a write waits for the other views' stale pages to be dropped.
 const INVALIDATION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Page-cache invalidation for writable mounts. The write that asks for it waits until it is
-/// done, so that once the write returns no process reads the old bytes through the other view.
+/// done, so that once the write returns no process reads the old bytes through another view.
 /// It is sent from a thread of its own, and the wait is bounded: the kernel may need to wait for
 /// pages locked by reads that request threads (perhaps all of them waiting here) must serve.
 pub fn invalidator(notifier: fuser::Notifier) -> crate::fs::Invalidator {
