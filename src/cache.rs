@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use lru::LruCache;
+use parking_lot::{Condvar, Mutex};
 
 use crate::source::ChunkError;
 
@@ -70,7 +71,7 @@ struct Decoding<'a>(&'a ChunkCache, u64);
 impl Drop for Decoding<'_> {
     fn drop(&mut self) {
         self.0.decoding.fetch_sub(self.1, Ordering::SeqCst);
-        let _locked = self.0.inner.lock().unwrap(); // a waiter is checking or already waiting
+        let _locked = self.0.inner.lock(); // a waiter is checking or already waiting
         self.0.room.notify_all();
     }
 }
@@ -78,9 +79,9 @@ impl Drop for Decoding<'_> {
 impl Flight {
     /// Block until the leader has a result.
     pub fn wait(&self) -> Result<Chunk, ChunkError> {
-        let mut result = self.result.lock().unwrap();
+        let mut result = self.result.lock();
         while result.is_none() {
-            result = self.done.wait(result).unwrap();
+            self.done.wait(&mut result);
         }
         result.clone().unwrap()
     }
@@ -125,7 +126,7 @@ impl ChunkCache {
     /// Set how many bytes outside the cache count against its budget; evicts to make room.
     pub fn set_reserved(&self, bytes: u64) {
         self.reserved.store(bytes, Ordering::Relaxed);
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         self.evict_to_fit(&mut inner, 0);
         self.room.notify_all();
     }
@@ -133,7 +134,7 @@ impl ChunkCache {
     /// Put newer contents for a key (after a write-back): replaces what is cached, and keeps a
     /// decode of the old contents that is still running from being cached afterwards.
     pub fn replace(&self, key: ChunkKey, chunk: Chunk) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if let Some(flight) = inner.in_flight.remove(&key) {
             flight.superseded.store(true, Ordering::SeqCst);
         }
@@ -145,13 +146,13 @@ impl ChunkCache {
 
     /// Mark a cached chunk as just used, so that it is evicted last.
     pub fn touch(&self, key: ChunkKey) {
-        self.inner.lock().unwrap().lru.promote(&key);
+        self.inner.lock().lru.promote(&key);
     }
 
     #[cfg(test)]
     /// True when the chunk is cached or being decoded.
     pub(crate) fn is_present_or_loading(&self, key: ChunkKey) -> bool {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         inner.lru.contains(&key) || inner.in_flight.contains_key(&key)
     }
 
@@ -159,7 +160,7 @@ impl ChunkCache {
     /// then must [`lead`](Self::lead) the decode (possibly on another thread), and everyone else
     /// who asks meanwhile gets [`Claim::Wait`] on the same flight.
     pub fn claim(&self, key: ChunkKey) -> Claim {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock();
         if let Some(chunk) = inner.lru.get(&key) {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Claim::Hit(chunk.clone());
@@ -205,14 +206,14 @@ impl ChunkCache {
         load: impl FnOnce() -> Result<Vec<u8>, ChunkError>,
     ) -> Result<Chunk, ChunkError> {
         {
-            let mut inner = self.inner.lock().unwrap();
+            let mut inner = self.inner.lock();
             loop {
                 let decoding = self.decoding.load(Ordering::SeqCst);
                 let outside = decoding + expected + self.reserved.load(Ordering::Relaxed);
                 if decoding == 0 || outside <= self.budget {
                     break;
                 }
-                inner = self.room.wait(inner).unwrap();
+                self.room.wait(&mut inner);
             }
             self.decoding.fetch_add(expected, Ordering::SeqCst);
             self.evict_to_fit(&mut inner, 0);
@@ -246,7 +247,7 @@ impl ChunkCache {
             }
         }
         {
-            let mut inner = self.inner.lock().unwrap();
+            let mut inner = self.inner.lock();
             if !flight.superseded.load(Ordering::SeqCst) {
                 inner.in_flight.remove(&key);
                 if let Ok(chunk) = &result {
@@ -254,7 +255,7 @@ impl ChunkCache {
                 }
             }
         }
-        *flight.result.lock().unwrap() = Some(result.clone());
+        *flight.result.lock() = Some(result.clone());
         flight.done.notify_all();
         result
     }
@@ -288,7 +289,7 @@ impl ChunkCache {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let (cached_bytes, cached_chunks) = {
-            let inner = self.inner.lock().unwrap();
+            let inner = self.inner.lock();
             (inner.bytes, inner.lru.len() as u64)
         };
         let s = &self.stats;

@@ -1,4 +1,5 @@
-//! fuser glue: FUSE requests in, [`ZarrFs`] calls, replies or errno out. Nothing else lives here.
+//! fuser glue: FUSE requests in, [`ZarrFs`] calls, replies or errno out. Nothing else lives here;
+//! [`errno`] is the one place a [`FsError`] becomes an errno.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::fs::{Attr, FileKind, ZarrFs};
+use crate::fs::{Attr, FileKind, FsError, ZarrFs};
 
 /// The tree never changes while mounted, so the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -26,8 +27,18 @@ pub struct FuseAdapter {
     pub fs: Arc<ZarrFs>,
 }
 
-fn errno(e: i32) -> Errno {
-    Errno::from_i32(e)
+/// The errno a failed call answers with.
+pub fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(match e {
+        FsError::NotFound => libc::ENOENT,
+        FsError::NotDir => libc::ENOTDIR,
+        FsError::IsDir => libc::EISDIR,
+        FsError::ReadOnly => libc::EROFS,
+        FsError::NotPermitted => libc::EPERM,
+        FsError::TooBig => libc::EFBIG,
+        FsError::NoData => libc::ENODATA,
+        FsError::Io(_) => libc::EIO,
+    })
 }
 
 fn file_attr(a: &Attr) -> FileAttr {
@@ -71,14 +82,14 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -86,12 +97,12 @@ impl Filesystem for FuseAdapter {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         // Read-only: keep the page cache across opens — contents never change while mounted,
         // and that cache is what lets a second reader (any process) skip the daemon entirely.
-        // Writable: an array's two files are separate page caches, so each open starts fresh
-        // (writes also invalidate the other file's pages, for readers that have it open).
+        // Writable: an array's files (views) are separate page caches, so each open starts fresh
+        // (writes also invalidate the other views' pages, for readers that have it open).
         let flags = if self.fs.writable() { FopenFlags::empty() } else { FopenFlags::FOPEN_KEEP_CACHE };
         match self.fs.open(ino.0, write) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -115,7 +126,7 @@ impl Filesystem for FuseAdapter {
             })
         });
         if let (Err(e), Some(reply)) = (result, reply.take()) {
-            reply.error(errno(e));
+            reply.error(errno(&e));
         }
     }
 
@@ -154,7 +165,7 @@ impl Filesystem for FuseAdapter {
     ) {
         match guarded("write", || self.fs.write(ino.0, offset, data)) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -189,13 +200,13 @@ impl Filesystem for FuseAdapter {
     ) {
         // Ownership and modes mirror the store; times are not stored. Size is the array's.
         let result = match (mode, uid, gid, size) {
-            (Some(_), _, _, _) | (_, Some(_), _, _) | (_, _, Some(_), _) => Err(self.fs.tree_change_errno()),
+            (Some(_), _, _, _) | (_, Some(_), _, _) | (_, _, Some(_), _) => Err(self.fs.tree_change_error()),
             (_, _, _, Some(size)) => self.fs.set_size(ino.0, size),
             _ => self.fs.getattr(ino.0),
         };
         match result {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -209,23 +220,23 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn symlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _target: &Path, reply: ReplyEntry) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn rename(
@@ -238,11 +249,11 @@ impl Filesystem for FuseAdapter {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn create(
@@ -255,7 +266,7 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn setxattr(
@@ -268,18 +279,18 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(self.fs.tree_change_errno()));
+        reply.error(errno(&self.fs.tree_change_error()));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.getattr(ino.0) {
             Ok(a) if a.kind == FileKind::Directory => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(errno(e)),
+            Ok(_) => reply.error(errno(&FsError::NotDir)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -293,7 +304,7 @@ impl Filesystem for FuseAdapter {
                 }
                 reply.ok();
             }
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -305,7 +316,7 @@ impl Filesystem for FuseAdapter {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         match self.fs.getxattr(ino.0, name) {
             Ok(value) => xattr_reply(&value, size, reply),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -319,35 +330,35 @@ impl Filesystem for FuseAdapter {
                 }
                 xattr_reply(&buf, size, reply)
             }
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 }
 
 /// Run a request's work so that a bug that panics fails that request with EIO instead of
 /// taking a request thread (and eventually the mount) down with it.
-fn guarded<T>(op: &str, work: impl FnOnce() -> Result<T, i32>) -> Result<T, i32> {
+fn guarded<T>(op: &str, work: impl FnOnce() -> Result<T, FsError>) -> Result<T, FsError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
         log::error!("{op}: internal error (panic); answered EIO");
-        Err(libc::EIO)
+        Err(FsError::Io(None))
     })
 }
 
-fn empty_reply(result: Result<(), i32>, reply: ReplyEmpty) {
+fn empty_reply(result: Result<(), FsError>, reply: ReplyEmpty) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(e)),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
-/// How long a write waits for the other view's stale pages to be dropped.
+/// How long a write waits for the other views' stale pages to be dropped.
 const INVALIDATION_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Page-cache invalidation for writable mounts. The write that asks for it waits until it is
-/// done, so that once the write returns no process reads the old bytes through the other view.
+/// done, so that once the write returns no process reads the old bytes through another view.
 /// It is sent from a thread of its own, and the wait is bounded: the kernel may need to wait for
 /// pages locked by reads that request threads (perhaps all of them waiting here) must serve.
-pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(u64, u64, u64) + Send + Sync> {
+pub fn invalidator(notifier: fuser::Notifier) -> crate::fs::Invalidator {
     type Job = (u64, u64, u64, std::sync::mpsc::Sender<()>);
     let (send, receive) = std::sync::mpsc::channel::<Job>();
     let _ = std::thread::Builder::new().name("zarrfs-inval".into()).spawn(move || {
@@ -357,10 +368,10 @@ pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(u64, u64, u64) + Sen
             let _ = done.send(());
         }
     });
-    let send = std::sync::Mutex::new(send);
+    let send = parking_lot::Mutex::new(send);
     Box::new(move |ino, offset, len| {
         let (done, finished) = std::sync::mpsc::channel();
-        if send.lock().unwrap().send((ino, offset, len, done)).is_ok() {
+        if send.lock().send((ino, offset, len, done)).is_ok() {
             let _ = finished.recv_timeout(INVALIDATION_WAIT);
         }
     })

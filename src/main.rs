@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use zarrfs::cli::options::{apply_options, parse_size, MountSettings};
-use zarrfs::fs::{FsOptions, ZarrFs};
+use zarrfs::fs::{FsOptions, Pools, ZarrFs};
 use zarrfs::fuse::FuseAdapter;
 use zarrfs::mount;
 
@@ -426,8 +426,9 @@ fn serve(
         gid: unsafe { libc::getgid() },
         writable: settings.read_write,
     };
+    let pools = Pools::new(options.decode_threads, options.writable)?;
     let fs = Arc::new(
-        ZarrFs::new(store.groups, store.arrays, &root_name, options)
+        ZarrFs::new(store.groups, store.arrays, &root_name, options, pools)
             .map_err(|e| format!("{}: {e}", store_path.display()))?,
     );
     for (path, needed) in fs.stripes_exceeding_cache() {

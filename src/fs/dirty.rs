@@ -15,7 +15,9 @@
 //! stored, and under steady write-back pressure it never finishes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::cache::{Chunk, ChunkKey};
 
@@ -81,22 +83,22 @@ pub struct DirtyChunks {
 impl DirtyChunks {
     /// The dirty contents of a chunk, if it has unstored writes.
     pub fn get(&self, key: ChunkKey) -> Option<Chunk> {
-        self.state.lock().unwrap().map.get(&key).map(|d| d.data.clone())
+        self.state.lock().map.get(&key).map(|d| d.data.clone())
     }
 
     pub fn contains(&self, key: ChunkKey) -> bool {
-        self.state.lock().unwrap().map.contains_key(&key)
+        self.state.lock().map.contains_key(&key)
     }
 
     /// Bytes held by dirty chunks, copies made while they were being stored included.
     pub fn bytes(&self) -> u64 {
-        self.state.lock().unwrap().bytes()
+        self.state.lock().bytes()
     }
 
     /// Hand the current [`bytes`](Self::bytes) to `publish` while no write or write-back can
     /// change them, so that two callers cannot publish their counts in the wrong order.
     pub fn publish_bytes(&self, publish: impl FnOnce(u64)) -> u64 {
-        let state = self.state.lock().unwrap();
+        let state = self.state.lock();
         let bytes = state.bytes();
         publish(bytes);
         bytes
@@ -104,12 +106,12 @@ impl DirtyChunks {
 
     /// A write-back has ended and dropped its snapshots: the copies they caused are all that is left.
     pub fn forget_copies(&self) {
-        self.state.lock().unwrap().copied = 0;
+        self.state.lock().copied = 0;
     }
 
     /// Take before loading bases for [`apply`](Self::apply).
     pub fn epoch(&self) -> u64 {
-        self.state.lock().unwrap().epoch
+        self.state.lock().epoch
     }
 
     /// Apply one write atomically with respect to write-back: copy `data[src..src+len]` to
@@ -125,7 +127,7 @@ impl DirtyChunks {
         epoch: u64,
         data: &[u8],
     ) -> Result<(), (Vec<ChunkKey>, u64)> {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.lock();
         let mut lacking: Vec<ChunkKey> = pieces
             .iter()
             .map(|p| p.0)
@@ -154,12 +156,12 @@ impl DirtyChunks {
     /// Serialise write-backs; hold the guard from [`snapshot`](Self::snapshot) to
     /// [`retire`](Self::retire).
     pub fn begin_flush(&self) -> MutexGuard<'_, ()> {
-        self.flushing.lock().unwrap()
+        self.flushing.lock()
     }
 
     /// Copies (shared, not duplicated) of the dirty chunks that `select` picks.
     pub fn snapshot(&self, select: impl Fn(ChunkKey) -> bool) -> Vec<Snapshot> {
-        let state = self.state.lock().unwrap();
+        let state = self.state.lock();
         let mut out: Vec<Snapshot> = state
             .map
             .iter()
@@ -174,7 +176,7 @@ impl DirtyChunks {
     /// snapshot, handing its contents to `clean` while the map is locked, so a reader finds the
     /// chunk either dirty or with its new clean contents, never the old ones.
     pub fn retire(&self, stored: &[Snapshot], clean: impl Fn(ChunkKey, Chunk)) {
-        let mut state = self.state.lock().unwrap();
+        let mut state = self.state.lock();
         for s in stored {
             if state.map.get(&s.key).is_some_and(|d| d.version == s.version) {
                 clean(s.key, s.data.clone());
@@ -213,13 +215,13 @@ mod tests {
         write(&dirty, &HashMap::new(), 1, 8).unwrap(); // written while being stored
         assert_eq!(dirty.bytes(), 8, "the copy beside the snapshot counts");
         let cleaned = Mutex::new(Vec::new());
-        dirty.retire(&snap, |k, c| cleaned.lock().unwrap().push((k, c)));
-        assert!(cleaned.lock().unwrap().is_empty(), "a newer write keeps the chunk dirty");
+        dirty.retire(&snap, |k, c| cleaned.lock().push((k, c)));
+        assert!(cleaned.lock().is_empty(), "a newer write keeps the chunk dirty");
         assert_eq!(*dirty.get((0, 1)).unwrap(), vec![7, 8, 0, 0]);
 
         let snap = dirty.snapshot(|_| true);
-        dirty.retire(&snap, |k, c| cleaned.lock().unwrap().push((k, c)));
-        assert_eq!(cleaned.lock().unwrap().len(), 1);
+        dirty.retire(&snap, |k, c| cleaned.lock().push((k, c)));
+        assert_eq!(cleaned.lock().len(), 1);
         assert!(!dirty.contains((0, 1)));
         drop(snap);
         dirty.forget_copies();
