@@ -5,8 +5,8 @@ use std::ffi::{OsStr, OsString};
 use std::path::Path;
 
 use zarrfs::fs::{FileKind, FsError, FsOptions, Ino, Pools, ZarrFs, ROOT_INO};
-use zarrfs::source::zarr::{create_array, NewArray};
-use zarrfs::source::Store;
+use zarrfs::create::{create_array, NewArray};
+use zarrfs::source::OpenConfig;
 
 const SHAPE: [u64; 2] = [30, 20];
 const FILL: u16 = 7;
@@ -27,7 +27,8 @@ fn store() -> tempfile::TempDir {
 }
 
 fn mount(path: &Path, writable: bool) -> ZarrFs {
-    let store = Store::open_local(path, writable).unwrap();
+    let config = OpenConfig { writable, ..Default::default() };
+    let store = zarrfs::source::open(path, &config).unwrap();
     let options = FsOptions { cache_bytes: 1 << 20, decode_threads: 2, uid: 1, gid: 2, writable };
     let pools = Pools::new(options.decode_threads, writable).unwrap();
     ZarrFs::new(store.groups, store.arrays, "root", options, pools).unwrap()
