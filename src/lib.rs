@@ -12,3 +12,4 @@ pub mod mount;
 pub mod npy;
 pub mod source;
 pub mod storage;
+pub mod units;

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use zarrfs::cli::options::{apply_options, parse_size, MountSettings};
+use zarrfs::cli::options::{apply_options, MountSettings};
 use zarrfs::fs::{FsOptions, ZarrFs};
 use zarrfs::fuse::FuseAdapter;
 use zarrfs::mount;
 use zarrfs::source::Store;
+use zarrfs::units::{human, parse_size, size_arg};
 
 #[derive(Parser)]
 #[command(name = "zarrfs", version, about = "Mount Zarr arrays as flat, memory-mappable files")]
@@ -127,7 +128,7 @@ impl MountArgs {
             apply_options(&mut s, o)?;
         }
         if let Some(size) = &self.cache_size {
-            s.cache_bytes = parse_size(size)?;
+            s.cache_bytes = parse_size(size).map_err(|e| e.to_string())?;
         }
         if let Some(n) = self.threads.filter(|n| *n > 0) {
             s.threads = n;
@@ -148,7 +149,7 @@ impl MountArgs {
             s.remote.disk_cache = Some(dir.clone());
         }
         if let Some(size) = &self.disk_cache_size {
-            s.remote.disk_cache_bytes = parse_size(size)?;
+            s.remote.disk_cache_bytes = parse_size(size).map_err(|e| e.to_string())?;
         }
         Ok(s)
     }
@@ -281,21 +282,6 @@ fn codec_names(codecs: &serde_json::Value) -> String {
     }
     walk(codecs, &mut names);
     names.join(", ")
-}
-
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", units[u])
-    }
 }
 
 fn mount(args: &MountArgs) -> Result<(), String> {
@@ -573,9 +559,4 @@ fn root_array_name(store_abs: &Path) -> String {
     } else {
         name.into()
     }
-}
-
-/// A size rounded up to whole MiB, as `--cache-size` takes it.
-fn size_arg(bytes: u64) -> String {
-    format!("{}M", bytes.div_ceil(1 << 20))
 }

@@ -1,6 +1,8 @@
 //! Mount settings from the command line and from `-o` option strings (which is how
 //! `mount -t fuse.zarrfs` and `/etc/fstab` pass them). Pure parsing, unit-tested.
 
+use crate::units::parse_size;
+
 /// Settings of one mount, after flags and `-o` options are merged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountSettings {
@@ -56,34 +58,6 @@ impl MountSettings {
     }
 }
 
-/// Parse a byte size: `1073741824`, `512K`, `512M`, `2G`, `1.5G`, `1T`; the suffix may be
-/// followed by `i`/`B`/`iB`. Multiples are binary, as for `--cache-size` everywhere else.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let lower = t.to_ascii_lowercase();
-    let stripped = lower.trim_end_matches('b').trim_end_matches('i');
-    let (number, shift) = match stripped.chars().last() {
-        Some('k') => (&stripped[..stripped.len() - 1], 10),
-        Some('m') => (&stripped[..stripped.len() - 1], 20),
-        Some('g') => (&stripped[..stripped.len() - 1], 30),
-        Some('t') => (&stripped[..stripped.len() - 1], 40),
-        _ => (stripped, 0),
-    };
-    let bad = || format!("invalid size {text:?} (expected e.g. 512M, 2G or a number of bytes)");
-    if number.is_empty() {
-        return Err(bad());
-    }
-    let value: f64 = number.parse().map_err(|_| bad())?;
-    if !value.is_finite() || value < 0.0 {
-        return Err(bad());
-    }
-    let bytes = value * (1u64 << shift) as f64;
-    if bytes > u64::MAX as f64 {
-        return Err(bad());
-    }
-    Ok(bytes as u64)
-}
-
 /// Options mount(8) or mount.fuse3 may add that mean nothing to us.
 const IGNORED: &[&str] = &["defaults", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail"];
 
@@ -105,7 +79,7 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
                 .ok_or_else(|| format!("option {key}: {v:?} is not a positive number"))
         };
         match key {
-            "cache_size" => settings.cache_bytes = parse_size(need(key, value)?)?,
+            "cache_size" => settings.cache_bytes = parse_size(need(key, value)?).map_err(|e| e.to_string())?,
             "threads" => settings.threads = number(value)?,
             "decode_threads" => settings.decode_threads = Some(number(value)?),
             "readahead_kb" => settings.readahead_kb = number(value)? as u32,
@@ -126,20 +100,6 @@ pub fn apply_options(settings: &mut MountSettings, opts: &str) -> Result<(), Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1024").unwrap(), 1024);
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
-        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
-        assert!(parse_size("").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("-1M").is_err());
-        assert!(parse_size("lots").is_err());
-    }
 
     #[test]
     fn option_strings() {

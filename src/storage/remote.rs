@@ -36,10 +36,10 @@ use zarrs::storage::{
     WritableStorageTraits,
 };
 
-use crate::cli::options::parse_size;
 use crate::source::zarr::Timestamps;
 use crate::source::{OpenError, Store};
 use crate::storage::disk_cache::DiskCache;
+use crate::units::{parse_duration, parse_size};
 
 /// Settings for remote stores; part of the mount settings (`-o` options and flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +82,7 @@ impl RemoteSettings {
         let value = value.filter(|v| !v.is_empty()).ok_or_else(|| format!("option {key} needs a value ({key}=...)"))?;
         match key {
             "disk_cache" => self.disk_cache = Some(PathBuf::from(value)),
-            "disk_cache_size" => self.disk_cache_bytes = parse_size(value)?,
+            "disk_cache_size" => self.disk_cache_bytes = parse_size(value).map_err(|e| e.to_string())?,
             "remote_timeout" => self.timeout = parse_duration(value).map_err(|e| format!("option {key}: {e}"))?,
             "remote_retries" => {
                 self.retries = value.parse().map_err(|_| format!("option {key}: {value:?} is not a number"))?
@@ -91,26 +91,6 @@ impl RemoteSettings {
         }
         Ok(())
     }
-}
-
-/// Parse a duration: `30s`, `500ms`, `2m`, `1.5s`, or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim().to_ascii_lowercase();
-    let bad = || format!("invalid duration {text:?} (expected e.g. 30s, 500ms or 2m)");
-    let (number, unit) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t.as_str(), 1.0)
-    };
-    let value: f64 = number.trim().parse().map_err(|_| bad())?;
-    if !value.is_finite() || value <= 0.0 || value * unit > 86_400.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(value * unit))
 }
 
 /// Whether a STORE argument names a remote store.
@@ -706,18 +686,6 @@ mod tests {
             |url: &str, key: &str| format!("{}{key}", RemoteStorage::connect(url, &settings).unwrap().cache_namespace);
         assert_eq!(name("http://h:1/x.zarr", "grp/a/c/0"), name("http://h:1/x.zarr/grp/", "a/c/0"));
         assert_ne!(name("http://h:1/x.zarr", "a/c/0"), name("http://h:2/x.zarr", "a/c/0"));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]
