@@ -11,12 +11,12 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use zarrfs::cli::options::{apply_options, MountSettings};
+use zarrfs::cli::options::{FlagArgs, MountSettings};
 use zarrfs::fs::{FsOptions, ZarrFs};
 use zarrfs::fuse::FuseAdapter;
 use zarrfs::mount;
 use zarrfs::source::Store;
-use zarrfs::units::{human, parse_size, size_arg};
+use zarrfs::units::{human, size_arg};
 
 #[derive(Parser)]
 #[command(name = "zarrfs", version, about = "Mount Zarr arrays as flat, memory-mappable files")]
@@ -89,70 +89,13 @@ struct MountArgs {
     /// allow_other, log_file=PATH, readahead_kb=N, and generic flags (nodev, noatime, ...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
-    /// Byte budget of the decoded-chunk cache, e.g. 512M or 2G [default: 1G].
-    #[arg(long, value_name = "SIZE")]
-    cache_size: Option<String>,
-    /// FUSE request threads [default: 4].
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Chunk decoding threads [default: number of cores; 16 for remote stores].
-    #[arg(long)]
-    decode_threads: Option<usize>,
-    /// Let other users read the mount.
-    #[arg(long)]
-    allow_other: bool,
-    /// Allow writes (same as -o rw): written chunks are re-encoded and stored.
-    #[arg(long = "read-write", visible_alias = "rw")]
-    read_write: bool,
-    /// On a writable mount, store dirty chunks at least this often [default: 5].
-    #[arg(long, value_name = "SECONDS")]
-    writeback_secs: Option<u64>,
-    /// Where the daemon logs (default: nowhere once detached).
-    #[arg(long, value_name = "PATH")]
-    log_file: Option<String>,
-    /// Remote stores: keep fetched chunks in this directory (shared by mounts, kept across them).
-    #[arg(long, value_name = "DIR")]
-    disk_cache: Option<PathBuf>,
-    /// Bound of the --disk-cache directory, e.g. 10G [default: 10G].
-    #[arg(long, value_name = "SIZE")]
-    disk_cache_size: Option<String>,
+    /// The flags of the settings table (`--cache-size`, `--threads`, ...), each parsed like
+    /// its `-o` form.
+    #[command(flatten)]
+    flags: FlagArgs,
     /// Internal: the pipe on which a detached daemon reports that the mount is live.
     #[arg(long, hide = true)]
     ready_fd: Option<RawFd>,
-}
-
-impl MountArgs {
-    fn settings(&self) -> Result<MountSettings, String> {
-        let mut s = MountSettings::default();
-        for o in &self.options {
-            apply_options(&mut s, o)?;
-        }
-        if let Some(size) = &self.cache_size {
-            s.cache_bytes = parse_size(size).map_err(|e| e.to_string())?;
-        }
-        if let Some(n) = self.threads.filter(|n| *n > 0) {
-            s.threads = n;
-        }
-        if let Some(n) = self.decode_threads.filter(|n| *n > 0) {
-            s.decode_threads = Some(n);
-        }
-        s.allow_other |= self.allow_other;
-        s.read_write |= self.read_write;
-        if let Some(secs) = self.writeback_secs.filter(|s| *s > 0) {
-            s.writeback_secs = secs;
-        }
-        s.foreground |= self.foreground;
-        if self.log_file.is_some() {
-            s.log_file = self.log_file.clone();
-        }
-        if let Some(dir) = &self.disk_cache {
-            s.remote.disk_cache = Some(dir.clone());
-        }
-        if let Some(size) = &self.disk_cache_size {
-            s.remote.disk_cache_bytes = parse_size(size).map_err(|e| e.to_string())?;
-        }
-        Ok(s)
-    }
 }
 
 /// `mount -t fuse.zarrfs` runs `zarrfs STORE MOUNTPOINT -o OPTS`: no subcommand. Treat any
@@ -285,7 +228,8 @@ fn codec_names(codecs: &serde_json::Value) -> String {
 }
 
 fn mount(args: &MountArgs) -> Result<(), String> {
-    let settings = args.settings()?;
+    let settings =
+        MountSettings::from_command_line(&args.options, &args.flags, args.foreground).map_err(|e| e.to_string())?;
     if !settings.foreground {
         return spawn_daemon();
     }

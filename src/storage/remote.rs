@@ -39,7 +39,6 @@ use zarrs::storage::{
 use crate::source::zarr::Timestamps;
 use crate::source::{OpenError, Store};
 use crate::storage::disk_cache::DiskCache;
-use crate::units::{parse_duration, parse_size};
 
 /// Settings for remote stores; part of the mount settings (`-o` options and flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,30 +65,6 @@ impl Default for RemoteSettings {
             disk_cache: None,
             disk_cache_bytes: DEFAULT_DISK_CACHE_BYTES,
         }
-    }
-}
-
-impl RemoteSettings {
-    /// The `-o` option names handled by [`RemoteSettings::apply_option`].
-    pub const OPTIONS: &'static [&'static str] = &["disk_cache", "disk_cache_size", "remote_timeout", "remote_retries"];
-
-    pub fn is_option(key: &str) -> bool {
-        Self::OPTIONS.contains(&key)
-    }
-
-    /// Apply one `-o key=value` option whose key is one of [`RemoteSettings::OPTIONS`].
-    pub fn apply_option(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
-        let value = value.filter(|v| !v.is_empty()).ok_or_else(|| format!("option {key} needs a value ({key}=...)"))?;
-        match key {
-            "disk_cache" => self.disk_cache = Some(PathBuf::from(value)),
-            "disk_cache_size" => self.disk_cache_bytes = parse_size(value).map_err(|e| e.to_string())?,
-            "remote_timeout" => self.timeout = parse_duration(value).map_err(|e| format!("option {key}: {e}"))?,
-            "remote_retries" => {
-                self.retries = value.parse().map_err(|_| format!("option {key}: {value:?} is not a number"))?
-            }
-            _ => return Err(format!("unknown mount option {key:?}")),
-        }
-        Ok(())
     }
 }
 
@@ -709,37 +684,6 @@ mod tests {
         // Port 9 (discard) on loopback: nothing is asked of it.
         let e = open_url("http://127.0.0.1:9/x.zarr/", &RemoteSettings::default(), true).err().unwrap();
         assert_eq!(e.to_string(), format!("http://127.0.0.1:9/x.zarr: {HTTP_READ_ONLY}"));
-    }
-
-    #[test]
-    fn options() {
-        let mut s = RemoteSettings::default();
-        s.apply_option("remote_timeout", Some("2s")).unwrap();
-        s.apply_option("remote_retries", Some("0")).unwrap();
-        s.apply_option("disk_cache", Some("/tmp/c")).unwrap();
-        s.apply_option("disk_cache_size", Some("10G")).unwrap();
-        assert_eq!(s.timeout, Duration::from_secs(2));
-        assert_eq!(s.retries, 0);
-        assert_eq!(s.disk_cache, Some(PathBuf::from("/tmp/c")));
-        assert_eq!(s.disk_cache_bytes, 10 << 30);
-        assert!(s.apply_option("disk_cache", None).unwrap_err().contains("disk_cache"));
-        assert!(s.apply_option("remote_retries", Some("x")).is_err());
-        assert!(s.apply_option("remote_timeout", Some("0")).is_err());
-    }
-
-    #[test]
-    fn mount_option_strings() {
-        let mut s = crate::cli::options::MountSettings::default();
-        crate::cli::options::apply_options(
-            &mut s,
-            "ro,remote_timeout=500ms,remote_retries=2,disk_cache=/c,disk_cache_size=1G",
-        )
-        .unwrap();
-        assert_eq!(s.remote.timeout, Duration::from_millis(500));
-        assert_eq!(s.remote.retries, 2);
-        assert_eq!(s.remote.disk_cache, Some(PathBuf::from("/c")));
-        assert_eq!(s.remote.disk_cache_bytes, 1 << 30);
-        assert!(crate::cli::options::apply_options(&mut s, "disk_cache_size=lots").is_err());
     }
 
     #[test]
