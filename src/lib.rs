@@ -14,3 +14,4 @@ pub mod npy;
 pub mod source;
 pub mod storage;
 pub mod text;
+pub mod units;

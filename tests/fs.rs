@@ -4,8 +4,8 @@
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 
-use zarrfs::fs::{FileKind, FsError, FsOptions, Ino, Pools, ZarrFs, ROOT_INO};
 use zarrfs::create::{create_array, NewArray};
+use zarrfs::fs::{FileKind, FsError, FsOptions, Ino, Pools, ZarrFs, ROOT_INO};
 use zarrfs::source::OpenConfig;
 
 const SHAPE: [u64; 2] = [30, 20];

@@ -32,7 +32,6 @@ use zarrs::storage::{
     StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorageTraits,
 };
 
-use crate::cli::options::parse_size;
 use crate::storage::aws_config::aws_config_files;
 use crate::text::one_line;
 
@@ -62,50 +61,6 @@ impl Default for RemoteSettings {
             disk_cache_bytes: DEFAULT_DISK_CACHE_BYTES,
         }
     }
-}
-
-impl RemoteSettings {
-    /// The `-o` option names handled by [`RemoteSettings::apply_option`].
-    pub const OPTIONS: &'static [&'static str] = &["disk_cache", "disk_cache_size", "remote_timeout", "remote_retries"];
-
-    pub fn is_option(key: &str) -> bool {
-        Self::OPTIONS.contains(&key)
-    }
-
-    /// Apply one `-o key=value` option whose key is one of [`RemoteSettings::OPTIONS`].
-    pub fn apply_option(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
-        let value = value.filter(|v| !v.is_empty()).ok_or_else(|| format!("option {key} needs a value ({key}=...)"))?;
-        match key {
-            "disk_cache" => self.disk_cache = Some(PathBuf::from(value)),
-            "disk_cache_size" => self.disk_cache_bytes = parse_size(value)?,
-            "remote_timeout" => self.timeout = parse_duration(value).map_err(|e| format!("option {key}: {e}"))?,
-            "remote_retries" => {
-                self.retries = value.parse().map_err(|_| format!("option {key}: {value:?} is not a number"))?
-            }
-            _ => return Err(format!("unknown mount option {key:?}")),
-        }
-        Ok(())
-    }
-}
-
-/// Parse a duration: `30s`, `500ms`, `2m`, `1.5s`, or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim().to_ascii_lowercase();
-    let bad = || format!("invalid duration {text:?} (expected e.g. 30s, 500ms or 2m)");
-    let (number, unit) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t.as_str(), 1.0)
-    };
-    let value: f64 = number.trim().parse().map_err(|_| bad())?;
-    if !value.is_finite() || value <= 0.0 || value * unit > 86_400.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(value * unit))
 }
 
 /// Whether a STORE argument names a remote store.
@@ -473,18 +428,6 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
-
-    #[test]
     fn urls() {
         assert!(is_url("s3://b/x.zarr"));
         assert!(is_url("HTTPS://host/x"));
@@ -498,36 +441,5 @@ mod tests {
         assert_eq!(parse_target("s3://bucket").unwrap(), Target::S3 { bucket: "bucket".into(), prefix: "".into() });
         assert!(parse_target("s3:///x").is_err());
         assert_eq!(parse_target("http://h:1/x.zarr/").unwrap(), Target::Http { url: "http://h:1/x.zarr".into() });
-    }
-
-    #[test]
-    fn options() {
-        let mut s = RemoteSettings::default();
-        s.apply_option("remote_timeout", Some("2s")).unwrap();
-        s.apply_option("remote_retries", Some("0")).unwrap();
-        s.apply_option("disk_cache", Some("/tmp/c")).unwrap();
-        s.apply_option("disk_cache_size", Some("10G")).unwrap();
-        assert_eq!(s.timeout, Duration::from_secs(2));
-        assert_eq!(s.retries, 0);
-        assert_eq!(s.disk_cache, Some(PathBuf::from("/tmp/c")));
-        assert_eq!(s.disk_cache_bytes, 10 << 30);
-        assert!(s.apply_option("disk_cache", None).unwrap_err().contains("disk_cache"));
-        assert!(s.apply_option("remote_retries", Some("x")).is_err());
-        assert!(s.apply_option("remote_timeout", Some("0")).is_err());
-    }
-
-    #[test]
-    fn mount_option_strings() {
-        let mut s = crate::cli::options::MountSettings::default();
-        crate::cli::options::apply_options(
-            &mut s,
-            "ro,remote_timeout=500ms,remote_retries=2,disk_cache=/c,disk_cache_size=1G",
-        )
-        .unwrap();
-        assert_eq!(s.remote.timeout, Duration::from_millis(500));
-        assert_eq!(s.remote.retries, 2);
-        assert_eq!(s.remote.disk_cache, Some(PathBuf::from("/c")));
-        assert_eq!(s.remote.disk_cache_bytes, 1 << 30);
-        assert!(crate::cli::options::apply_options(&mut s, "disk_cache_size=lots").is_err());
     }
 }
