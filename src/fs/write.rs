@@ -232,9 +232,12 @@ mod tests {
             })
         };
         // The first rewrite copies a chunk and pushes written bytes past half the budget, so
-        // that write waits for the write-back before it returns.
+        // that write waits for the write-back before it returns. Its copy shows in the dirty
+        // count a moment before the write publishes it to the cache (which then evicts): wait
+        // for both, or the check below races with that eviction.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while fs.dirty.bytes() < 9 * chunk && std::time::Instant::now() < deadline {
+        while (fs.dirty.bytes() < 9 * chunk || fs.cache.reserved() < 9 * chunk) && std::time::Instant::now() < deadline
+        {
             std::thread::yield_now();
         }
         assert_eq!(fs.dirty.bytes(), 9 * chunk, "the copy is counted");
