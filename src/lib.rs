@@ -3,6 +3,9 @@
 //! The FUSE protocol lives only in [`fuse`]; everything below it works on plain Rust types so it
 //! can be tested without a kernel. See `docs/architecture.md` for the module map.
 
+// Every unsafe block says why it is sound.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cache;
 pub mod cli;
 pub mod create;

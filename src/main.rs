@@ -1,6 +1,8 @@
 //! The `zarrfs` command: its arguments (clap) and dispatch to [`zarrfs::cli`], where the
 //! commands, the mount settings and the daemon live.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -30,6 +30,7 @@ fn build_fs(store: Store, store_path: &Path, root_name: &str, settings: &MountSe
         decode_threads: settings.decode_threads_for(crate::storage::remote::url_of(store_path).is_some()),
         // SAFETY: trivial libc getters.
         uid: unsafe { libc::getuid() },
+        // SAFETY: as above.
         gid: unsafe { libc::getgid() },
         writable: settings.read_write,
     };
