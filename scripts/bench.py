@@ -16,7 +16,7 @@ interleaved so that machine noise spreads over all paths alike.
   5. Decodes per chunk in full scans and the daemon's peak RSS against --cache-size, including a
      scan with a cache 8x smaller than the array.
   6. Cold scan over loopback HTTP of a 256 MiB copy (v3 zstd, consolidated) served by Python's
-     http.server with byte ranges (tests/python/remote_servers.py): a fresh `zarrfs mount
+     http.server with byte ranges (tests/kit/servers.py): a fresh `zarrfs mount
      http://...` (1 MiB readinto) against zarr-python reading the same URL (fsspec + aiohttp).
   +  Diagnostics: FUSE read sizes seen by the daemon during scans (fuser debug log), CPU used by
      each kind of daemon thread.
@@ -522,8 +522,8 @@ def bench_http() -> None:
         results["notes"].append("fsspec/aiohttp are not installed; the HTTP scan is skipped")
         return
     import zarr
-    sys.path.insert(0, str(ROOT / "tests" / "python"))
-    from remote_servers import HttpServer
+    sys.path.insert(0, str(ROOT / "tests"))
+    from kit.servers import HttpServer
     hinfo = ensure_http_data(HTTP_DATA)
     results["http_data"] = hinfo
     nb, arr = hinfo["nbytes"], hinfo["array"]
