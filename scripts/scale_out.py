@@ -34,13 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests" / "python"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared kit
 
-from bench_mount import Mount  # noqa: E402
+from kit import ZARRFS_BIN as ZARRFS, Mount  # noqa: E402
 
-ZARRFS = Path(os.environ.get("ZARRFS_BIN", ROOT / "target" / "release" / "zarrfs"))
 BUCKET = "zarrfs-scale-out"
 
 EXPLANATION = """\
@@ -97,7 +94,7 @@ class Backend:
         self.env: dict = {}
 
     def __enter__(self) -> "Backend":
-        from remote_servers import HttpServer, MotoServer, upload_dir
+        from kit.servers import HttpServer, MotoServer, upload_dir
 
         if self.kind == "http":
             self.server = HttpServer(self.store.parent, self.workdir).start()
@@ -125,6 +122,14 @@ class Backend:
 
 
 # ---------------------------------------------------------------- running
+
+def node_mount(url: str, mnt: Path, env: dict, decode_threads: int | None) -> Mount:
+    """One node's `zarrfs mount -f URL MNT` (log next to MNT), unmounted and reaped on exit; a
+    watchdog kills its daemon after 15 minutes, so a hung read becomes an error."""
+    args = ["--decode-threads", str(decode_threads)] if decode_threads else []
+    return Mount(url, mnt, *args, binary=ZARRFS, foreground=True, env=dict(os.environ, **env),
+                 log_path=mnt.with_name(mnt.name + ".log"), timeout=30, watchdog=900, replace_stale=True)
+
 
 def row_slices(rows: int, chunk_rows: int, n: int) -> list[tuple[int, int]]:
     """n contiguous row ranges, aligned to chunk rows, as even as the chunk grid allows."""
@@ -218,21 +223,19 @@ def main() -> int:
 
 
 def scale_out(args, url: str, env: dict, array: str, data, backend, workdir: Path, out) -> dict:
-    mounts = [Mount(ZARRFS, url, workdir / f"node{i}", env=env, log_path=workdir / f"node{i}.log", watchdog=900,
-                    decode_threads=args.decode_threads)
-              for i in range(args.nodes)]
+    mounts = [node_mount(url, workdir / f"node{i}", env, args.decode_threads) for i in range(args.nodes)]
     out(f"{args.nodes} nodes mount {url}, one zarrfs daemon each")
     entered = []
     try:
         for m in mounts:
             entered.append(m.__enter__())
         # Geometry from the extended attributes: reading data here would start node 0's scan.
-        flat = str(mounts[0].mnt / array)
+        flat = str(mounts[0].mountpoint / array)
         shape = tuple(json.loads(os.getxattr(flat, "user.zarr.shape")))
         dtype = np.dtype(os.getxattr(flat, "user.zarr.dtype").decode())
         chunks = json.loads(os.getxattr(flat, "user.zarr.chunks"))
         slices = row_slices(shape[0], chunks[0], args.nodes)
-        tasks = [(str(m.mnt / array), np.dtype(dtype).str, list(shape), r0, r1) for m, (r0, r1) in zip(mounts, slices)]
+        tasks = [(str(m.mountpoint / array), np.dtype(dtype).str, list(shape), r0, r1) for m, (r0, r1) in zip(mounts, slices)]
         gets0 = backend.chunk_gets(array) if backend else None
         out(f"{args.executor}: {args.nodes} worker processes, worker i sums rows of node i's mount ...")
         parts, wall = run_tasks(args.executor, tasks, workdir)
@@ -260,10 +263,9 @@ def scale_out(args, url: str, env: dict, array: str, data, backend, workdir: Pat
               "total": sum(n["sum"] for n in nodes), "numpy_total": float(data.sum(dtype=np.float64)),
               "all_match": all(n["match"] for n in nodes)}
     if not args.no_baseline:
-        with Mount(ZARRFS, url, workdir / "single", env=env, log_path=workdir / "single.log", watchdog=900,
-                   decode_threads=args.decode_threads) as m:
+        with node_mount(url, workdir / "single", env, args.decode_threads) as m:
             t0 = time.perf_counter()
-            one = slice_sum(str(m.mnt / array), np.dtype(dtype).str, list(shape), 0, shape[0])
+            one = slice_sum(str(m.mountpoint / array), np.dtype(dtype).str, list(shape), 0, shape[0])
             result["baseline_seconds"] = time.perf_counter() - t0
         result["baseline_match"] = bool(np.isclose(one["sum"], result["numpy_total"], rtol=1e-12))
 

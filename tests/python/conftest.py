@@ -1,4 +1,5 @@
-"""pytest fixtures for the zarrfs end-to-end tests; helpers are in helpers.py."""
+"""pytest fixtures for the zarrfs end-to-end tests; assertion helpers are in helpers.py, the
+mount guard, /proc probes and servers in the shared kit (tests/kit)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,15 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared kit
 import stores  # noqa: E402
-from helpers import (  # noqa: E402
-    _LIVE_LOCK,
-    _LIVE_MOUNTS,
-    PUBLIC_TMP_PREFIX,
-    TEST_TIMEOUT,
+from helpers import PUBLIC_TMP_PREFIX, TEST_TIMEOUT  # noqa: E402
+from kit import (  # noqa: E402
     ZARRFS_BIN,
     Mount,
     force_unmount,
     kill_and_reap,
+    live_mounts,
     proc_mounts,
     real_path,
     zarrfs_pids,
@@ -72,9 +71,7 @@ def _watchdog(request):
 
     def fire():
         fired.set()
-        with _LIVE_LOCK:
-            live = list(_LIVE_MOUNTS)
-        for m in live:
+        for m in live_mounts():
             try:
                 m.abort()
             except Exception:  # noqa: BLE001 - best effort from a timer thread

@@ -25,11 +25,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared kit (this directory is on it already)
 
 import stores  # noqa: E402
-from helpers import (  # noqa: E402
-    check_mounted_array,
+from helpers import check_mounted_array  # noqa: E402
+from kit import (  # noqa: E402
     force_unmount,
     is_mounted,
     kill_and_reap,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -14,17 +15,13 @@ import numpy as np
 import pytest
 
 import stores
-from helpers import (
+from helpers import check_mounted_array, errno_of, pread_full, read_npy_header
+from kit import (
     Mount,
-    check_mounted_array,
-    errno,
-    errno_of,
     is_mounted,
     mounts_at,
     pid_alive,
-    pread_full,
     proc_mounts,
-    read_npy_header,
     real_path,
     run_zarrfs,
     wait_until,

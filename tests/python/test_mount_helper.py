@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import stores
-from helpers import clean_env, kill_and_reap, real_path, zarrfs_pids
+from kit import clean_env, kill_and_reap, real_path, zarrfs_pids
 
 INNER = Path(__file__).resolve().parent / "mount_helper_inner.py"
 

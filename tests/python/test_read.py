@@ -6,6 +6,7 @@ mounted ONCE for the module; every array is its own test id.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -22,21 +23,8 @@ import numpy as np
 import pytest
 
 import stores
-from helpers import (
-    PUBLIC_TMP_PREFIX,
-    Mount,
-    check_mounted_array,
-    check_preads,
-    clean_env,
-    errno,
-    errno_of,
-    force_unmount,
-    is_mounted,
-    run,
-    run_zarrfs,
-    stored_bytes,
-    wait_until,
-)
+from helpers import PUBLIC_TMP_PREFIX, check_mounted_array, check_preads, errno_of, stored_bytes
+from kit import Mount, clean_env, force_unmount, is_mounted, run, run_zarrfs, wait_until
 
 CASES = [c for c in stores.ALL_CASES if not c.skipped]
 XATTRS = ["user.zarr.shape", "user.zarr.dtype", "user.zarr.chunks", "user.zarr.fill_value",

@@ -1,12 +1,13 @@
 """Remote stores: http(s):// and s3:// URLs as STORE, and the disk cache.
 
 Servers run on 127.0.0.1 in subprocesses started and stopped by the fixtures here
-(remote_servers.py): Python's http.server with byte ranges, and moto's S3 server. Mounts use
+(tests/kit/servers.py): Python's http.server with byte ranges, and moto's S3 server. Mounts use
 ``-o remote_timeout=2s,remote_retries=1`` so a stopped server fails a read in about a second.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import json
@@ -22,20 +23,9 @@ import pytest
 import zarr
 
 import stores
-from helpers import (
-    Mount,
-    assert_same_array,
-    clean_env,
-    errno,
-    errno_of,
-    is_mounted,
-    pread_full,
-    run_zarrfs,
-    stored_bytes,
-    wait_until,
-    zarrfs_pids,
-)
-from remote_servers import HttpServer, MotoServer, make_tls_files, upload_dir
+from helpers import assert_same_array, errno_of, pread_full, stored_bytes
+from kit import Mount, clean_env, is_mounted, run_zarrfs, wait_until, zarrfs_pids
+from kit.servers import HttpServer, MotoServer, make_tls_files, upload_dir
 
 FAST = ["-o", "remote_timeout=2s,remote_retries=1"]
 CASES = {fmt: [c for c in stores.BIG_STORES[fmt][0] if not c.skipped] for fmt in (2, 3)}

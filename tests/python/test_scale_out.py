@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, clean_env, proc_mounts, zarrfs_pids
+from kit import REPO, clean_env, proc_mounts, zarrfs_pids
 
 SCRIPT = REPO / "scripts" / "scale_out.py"
 

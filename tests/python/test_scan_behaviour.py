@@ -1,18 +1,12 @@
 """Scan behaviour through a real mount, read from the daemon's counters (not timings):
 each chunk decoded once per full scan, the cache budget respected, the stripe warning."""
 
-import json
-import os
 import subprocess
 
 import numpy as np
 import zarr
 
-from helpers import run_zarrfs
-
-
-def stats(mount) -> dict:
-    return json.loads(os.getxattr(str(mount.path()), "user.zarrfs.stats"))
+from kit import run_zarrfs
 
 
 def make_store(path, shape=(512, 768), chunks=(64, 128)):
@@ -27,7 +21,7 @@ def test_full_scan_decodes_each_chunk_once(tmp_path, mount_factory):
     m = mount_factory(tmp_path / "a.zarr")
     out = subprocess.run(["dd", f"if={m.path('a')}", "bs=1M", "status=none"], capture_output=True, check=True).stdout
     assert out == data.tobytes()
-    s = stats(m)
+    s = m.stats()
     assert s["chunks_decoded"] == (512 // 64) * (768 // 128)
     assert s["decode_errors"] == 0
 
@@ -43,7 +37,7 @@ def test_scan_with_a_cache_of_two_stripes_stays_in_budget(tmp_path, mount_factor
     m = mount_factory(tmp_path / "a.zarr", "--cache-size", str(2 * stripe))
     scanned = np.memmap(m.path("a"), dtype="f4", shape=data.shape, mode="r")
     assert np.array_equal(scanned, data)
-    s = stats(m)
+    s = m.stats()
     assert s["cached_bytes"] <= 2 * stripe
     assert s["chunks_decoded"] == (1024 // 256) * (16384 // 2048), s
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import stores
-from helpers import REPO
+from kit import REPO
 
 
 @pytest.mark.parametrize("case", [c for c in stores.ALL_CASES if not c.skipped], ids=lambda c: c.id)

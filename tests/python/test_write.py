@@ -12,6 +12,7 @@ test asks for (fsync, msync, close, unmount, cache pressure).
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import os
@@ -32,20 +33,8 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 
 import stores
-from helpers import (
-    Mount,
-    clean_env,
-    describe_mismatch,
-    errno,
-    errno_of,
-    force_unmount,
-    is_mounted,
-    read_npy_header,
-    run,
-    run_zarrfs,
-    wait_until,
-    zarrfs_pids,
-)
+from helpers import describe_mismatch, errno_of, read_npy_header
+from kit import Mount, clean_env, force_unmount, is_mounted, run, run_zarrfs, wait_until, zarrfs_pids
 
 RW = ("-o", "rw,writeback_secs=3600")
 TMP_GLOB = ".*.zarrfs-*.tmp"  # temporary files of an atomic chunk replacement

@@ -1,48 +1,36 @@
-"""Loopback servers for the remote-store tests, each in its own process.
+"""Loopback servers for remote stores (the tests, make bench, scripts/scale_out.py), each in
+its own process.
 
 * ``HttpServer``: Python's ``http.server`` serving a directory, extended with single byte-range
   requests (``Range: bytes=a-b``, ``a-``, ``-n``), no directory listings, and a request log
   (one line per request: method, path, Range header) that tests read to see what was fetched.
+  The server process itself is ``http_server.py``.
 * ``MotoServer``: moto's S3-compatible server (``python -m moto.server``).
 
-Both bind 127.0.0.1 only, are started and stopped by the tests themselves, wait for readiness
+Both bind 127.0.0.1 only, are started and stopped by their callers, wait for readiness
 by polling with a deadline, and can be restarted on the same port (a "server comes back").
 The servers run in subprocesses, never threads: a test that page-faults on a mounted file holds
 the GIL while the FUSE daemon waits for the server.
 
 ``HttpServer`` serves HTTPS when given a certificate: ``make_tls_files`` makes a throwaway CA and
 a certificate for localhost signed by it (with the ``openssl`` command).
-
-Run as a script, this module is the HTTP server:
-    python remote_servers.py DIRECTORY --port N --ready-file F --request-log L [--tls-cert C --tls-key K]
 """
 
 from __future__ import annotations
 
-import argparse
-import http.server
-import io
 import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .procs import wait_until
 
 START_TIMEOUT = 20.0  # seconds for a server to accept connections
 STOP_TIMEOUT = 10.0
-
-
-def _wait_until(pred, timeout: float, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        r = pred()
-        if r or time.monotonic() >= deadline:
-            return r
-        time.sleep(interval)
+HTTP_SERVER = Path(__file__).resolve().with_name("http_server.py")  # the server process
 
 
 def _accepts(port: int) -> bool:
@@ -67,13 +55,13 @@ class _Process:
                                      env=env, start_new_session=True)
 
     def _wait_ready(self, find_port) -> None:
-        port = _wait_until(lambda: find_port() or (self.proc.poll() is not None and -1), START_TIMEOUT)
+        port = wait_until(lambda: find_port() or (self.proc.poll() is not None and -1), START_TIMEOUT)
         if not port or port == -1:
             log = self.log_path.read_text(errors="replace")[-2000:]
             self.stop()
             raise RuntimeError(f"server did not start within {START_TIMEOUT}s: {log}")
         self.port = port
-        if not _wait_until(lambda: _accepts(port), START_TIMEOUT):
+        if not wait_until(lambda: _accepts(port), START_TIMEOUT):
             self.stop()
             raise RuntimeError(f"server on port {port} does not accept connections")
 
@@ -107,7 +95,7 @@ class _Process:
         finally:
             self._log.close()
         if self.port is not None:
-            _wait_until(lambda: not _accepts(self.port), STOP_TIMEOUT)
+            wait_until(lambda: not _accepts(self.port), STOP_TIMEOUT)
 
     def __enter__(self):
         return self
@@ -152,7 +140,7 @@ class HttpServer(_Process):
         """Start on ``port`` (0: an ephemeral port; a restart passes the old one)."""
         self.ready_file.unlink(missing_ok=True)
         tls = ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
-        self._spawn([sys.executable, __file__, str(self.directory), "--port", str(port),
+        self._spawn([sys.executable, str(HTTP_SERVER), str(self.directory), "--port", str(port),
                      "--ready-file", str(self.ready_file), "--request-log", str(self.request_log), *tls])
 
         def find_port():
@@ -252,97 +240,3 @@ def upload_dir(client, bucket: str, prefix: str, directory, public: bool = False
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(put, paths))
     return len(paths)
-
-
-# --------------------------------------------------------------------------
-# the HTTP server process
-# --------------------------------------------------------------------------
-
-
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # keep-alive + small writes would wait on delayed ACKs
-    request_log = None  # set by main()
-
-    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
-        pass
-
-    def list_directory(self, path):
-        self.send_error(404, "no listings")
-        return None
-
-    def send_head(self):
-        if self.request_log is not None:
-            self.request_log.write(f"{self.command}\t{self.path}\t{self.headers.get('Range', '')}\n")
-            self.request_log.flush()
-        header = self.headers.get("Range")
-        path = self.translate_path(self.path)
-        if header is None or os.path.isdir(path):
-            return super().send_head()
-        m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
-        try:
-            f = open(path, "rb")
-        except OSError:
-            self.send_error(404, "File not found")
-            return None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if m is None or (not m.group(1) and not m.group(2)):
-                start, end = 0, size - 1  # unsupported form: whole file, as a 200
-                status = 200
-            elif not m.group(1):
-                start, end, status = max(0, size - int(m.group(2))), size - 1, 206
-            else:
-                start = int(m.group(1))
-                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
-                status = 206
-            if status == 206 and (start >= size or start > end):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return None
-            f.seek(start)
-            body = f.read(end - start + 1)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        return io.BytesIO(body)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("directory")
-    ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--ready-file", required=True)
-    ap.add_argument("--request-log")
-    ap.add_argument("--tls-cert")
-    ap.add_argument("--tls-key")
-    args = ap.parse_args()
-    if args.request_log:
-        _RangeHandler.request_log = open(args.request_log, "a")
-
-    def handler(*a, **kw):
-        return _RangeHandler(*a, directory=args.directory, **kw)
-
-    http.server.ThreadingHTTPServer.allow_reuse_address = True
-    http.server.ThreadingHTTPServer.daemon_threads = True
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
-    if args.tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    tmp = args.ready_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{server.server_address[1]}\n")
-    os.replace(tmp, args.ready_file)
-    server.serve_forever()
-
-
-if __name__ == "__main__":
-    main()
