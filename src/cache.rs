@@ -123,13 +123,13 @@ impl ChunkCache {
         self.budget
     }
 
-    /// Set how many bytes outside the cache count against its budget; evicts to make room.
     /// The bytes last set by [`set_reserved`](Self::set_reserved).
     #[cfg(test)]
     pub(crate) fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Relaxed)
     }
 
+    /// Set how many bytes outside the cache count against its budget; evicts to make room.
     pub fn set_reserved(&self, bytes: u64) {
         self.reserved.store(bytes, Ordering::Relaxed);
         let mut inner = self.inner.lock();

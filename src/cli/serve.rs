@@ -34,11 +34,10 @@ fn build_fs(store: Store, store_path: &Path, root_name: &str, settings: &MountSe
         gid: unsafe { libc::getgid() },
         writable: settings.read_write,
     };
-    let pools = Pools::new(options.decode_threads, options.writable)?;
-    Ok(Arc::new(
-        ZarrFs::new(store.groups, store.arrays, root_name, options, pools)
-            .map_err(|e| format!("{}: {e}", store_path.display()))?,
-    ))
+    // Both failures name the store, as they did when ZarrFs::new also built the pools.
+    let named = |e: String| format!("{}: {e}", store_path.display());
+    let pools = Pools::new(options.decode_threads, options.writable).map_err(named)?;
+    Ok(Arc::new(ZarrFs::new(store.groups, store.arrays, root_name, options, pools).map_err(named)?))
 }
 
 /// Mount `store_path` at `mountpoint` and serve it until it is unmounted. With `ready_fd` this

@@ -23,7 +23,7 @@ use super::{Format, GroupInfo, OpenError, Skipped, Store};
 use crate::storage::{KeyRoles, OpenedStorage, Origin};
 use crate::text::one_line;
 use array::{open_array, ArrayOutcome, InvalidArray};
-use keys::NODE_DOCUMENTS;
+use keys::{NODE_DOCUMENTS, ZARRAY, ZARR_JSON, ZGROUP};
 
 /// What storage layers must know of Zarr keys: metadata documents change in place (the disk
 /// cache refreshes them first), and the root documents' time is a remote store's time.
@@ -60,7 +60,7 @@ fn open_storage(
     let err = |reason: String| OpenError { store: location.to_path_buf(), reason };
     let root = Node::open(&storage, "/").map_err(|e| match e {
         zarrs::node::NodeCreateError::MissingMetadata(_) => {
-            err("not a Zarr store (no zarr.json, .zgroup or .zarray at its root)".into())
+            err(format!("not a Zarr store (no {ZARR_JSON}, {ZGROUP} or {ZARRAY} at its root)"))
         }
         e => err(one_line(&e.to_string())),
     })?;
