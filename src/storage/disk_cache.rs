@@ -47,8 +47,7 @@ use parking_lot::Mutex;
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator};
 use zarrs::storage::{
     Bytes, ListableStorageTraits, MaybeBytesIterator, OffsetBytesIterator, ReadableListableStorage,
-    ReadableStorageTraits, StorageError, StoreKey, StoreKeys, StoreKeysPrefixes, StorePrefix, WritableStorage,
-    WritableStorageTraits,
+    ReadableStorageTraits, StorageError, StoreKey, StorePrefix, WritableStorage, WritableStorageTraits,
 };
 
 /// Entry format: MAGIC, identity length (u32 LE), identity, kind (u8), payload length (u64 LE),
@@ -615,20 +614,7 @@ impl ReadableStorageTraits for DiskCache {
     }
 }
 
-impl ListableStorageTraits for DiskCache {
-    fn list(&self) -> Result<StoreKeys, StorageError> {
-        self.inner.list()
-    }
-    fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
-        self.inner.list_prefix(prefix)
-    }
-    fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
-        self.inner.list_dir(prefix)
-    }
-    fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
-        self.inner.size_prefix(prefix)
-    }
-}
+list_through!(DiskCache, inner);
 
 impl DiskCache {
     fn writer(&self) -> Result<&WritableStorage, StorageError> {
@@ -724,20 +710,7 @@ mod tests {
         }
     }
 
-    impl ListableStorageTraits for Flaky {
-        fn list(&self) -> Result<StoreKeys, StorageError> {
-            self.inner.list()
-        }
-        fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
-            self.inner.list_prefix(prefix)
-        }
-        fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
-            self.inner.list_dir(prefix)
-        }
-        fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
-            self.inner.size_prefix(prefix)
-        }
-    }
+    list_through!(Flaky, inner);
 
     impl WritableStorageTraits for Flaky {
         fn set(&self, key: &StoreKey, value: Bytes) -> Result<(), StorageError> {

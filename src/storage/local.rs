@@ -11,8 +11,7 @@ use std::path::Path;
 use zarrs::filesystem::{FilesystemStore, FilesystemStoreCreateError};
 use zarrs::storage::byte_range::{ByteRange, ByteRangeIterator, InvalidByteRangeError};
 use zarrs::storage::{
-    Bytes, ListableStorageTraits, MaybeBytesIterator, ReadableStorageTraits, StorageError, StoreKey, StoreKeys,
-    StoreKeysPrefixes, StorePrefix, WritableStorageTraits,
+    Bytes, MaybeBytesIterator, ReadableStorageTraits, StorageError, StoreKey, StorePrefix, WritableStorageTraits,
 };
 
 /// A store directory. zarrs' `FilesystemStore` keeps a lock entry for every key it has touched,
@@ -87,20 +86,7 @@ impl ReadableStorageTraits for LocalDir {
     }
 }
 
-impl ListableStorageTraits for LocalDir {
-    fn list(&self) -> Result<StoreKeys, StorageError> {
-        self.inner.list()
-    }
-    fn list_prefix(&self, prefix: &StorePrefix) -> Result<StoreKeys, StorageError> {
-        self.inner.list_prefix(prefix)
-    }
-    fn list_dir(&self, prefix: &StorePrefix) -> Result<StoreKeysPrefixes, StorageError> {
-        self.inner.list_dir(prefix)
-    }
-    fn size_prefix(&self, prefix: &StorePrefix) -> Result<u64, StorageError> {
-        self.inner.size_prefix(prefix)
-    }
-}
+list_through!(LocalDir, inner);
 
 /// The temporary file a chunk is written to before it replaces `name`: hidden, so zarr-python
 /// and listings skip it, and naming the writing process, so leftovers can be told apart.

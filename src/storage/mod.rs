@@ -5,6 +5,33 @@
 //! Invariant: storage knows nothing about formats. What a format knows about its keys (which
 //! can change in place, which stand for the store's time) comes in as [`KeyRoles`].
 
+/// `ListableStorageTraits` for a storage that lists through its field `$inner`: the local
+/// directory and the disk cache (and test doubles) list what they wrap.
+macro_rules! list_through {
+    ($type:ty, $inner:ident) => {
+        impl zarrs::storage::ListableStorageTraits for $type {
+            fn list(&self) -> Result<zarrs::storage::StoreKeys, zarrs::storage::StorageError> {
+                self.$inner.list()
+            }
+            fn list_prefix(
+                &self,
+                prefix: &zarrs::storage::StorePrefix,
+            ) -> Result<zarrs::storage::StoreKeys, zarrs::storage::StorageError> {
+                self.$inner.list_prefix(prefix)
+            }
+            fn list_dir(
+                &self,
+                prefix: &zarrs::storage::StorePrefix,
+            ) -> Result<zarrs::storage::StoreKeysPrefixes, zarrs::storage::StorageError> {
+                self.$inner.list_dir(prefix)
+            }
+            fn size_prefix(&self, prefix: &zarrs::storage::StorePrefix) -> Result<u64, zarrs::storage::StorageError> {
+                self.$inner.size_prefix(prefix)
+            }
+        }
+    };
+}
+
 pub mod aws_config;
 pub mod disk_cache;
 pub mod local;
