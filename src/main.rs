@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use zarrfs::cli::options::{FlagArgs, MountSettings};
-use zarrfs::cli::{create, daemon, info, normalized_args, serve};
+use zarrfs::cli::{create, daemon, info, normalized_args, serve, stats, umount};
 
 #[derive(Parser)]
 #[command(name = "zarrfs", version, about = "Mount Zarr arrays as flat, memory-mappable files")]
@@ -32,6 +32,26 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Show the live counters of a mount: decodes, cache hits and misses, bytes served, cache use.
+    Stats {
+        mountpoint: PathBuf,
+        /// Print the counters as JSON (one line per sample with --watch).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second, with rates since the previous sample.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N samples.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Unmount a zarrfs mount (umount2 as root, fusermount3 -u otherwise).
+    Umount {
+        mountpoint: PathBuf,
+        /// If files are still open, detach the mount now; the daemon ends when they are closed.
+        #[arg(short = 'l', long)]
+        lazy: bool,
     },
 }
 
@@ -77,6 +97,9 @@ struct MountArgs {
     /// Internal: the pipe on which a detached daemon reports that the mount is live.
     #[arg(long, hide = true)]
     ready_fd: Option<RawFd>,
+    /// Internal: a pidfd of the process that ran `zarrfs mount` (`exit_with_parent`).
+    #[arg(long, hide = true)]
+    parent_pidfd: Option<RawFd>,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +121,10 @@ fn main() -> ExitCode {
             info::info(&store, json)
         }
         Command::Mount(args) => mount(&args),
+        Command::Stats { mountpoint, json, watch, count } => {
+            stats::stats(&mountpoint, stats::StatsOptions { json, watch, count })
+        }
+        Command::Umount { mountpoint, lazy } => umount::umount(&mountpoint, lazy),
         Command::Create(args) => {
             let spec = zarrfs::create::NewArray {
                 shape: args.shape,
@@ -124,7 +151,7 @@ fn mount(args: &MountArgs) -> Result<(), String> {
     let settings =
         MountSettings::from_command_line(&args.options, &args.flags, args.foreground).map_err(|e| e.to_string())?;
     if !settings.foreground {
-        return daemon::spawn_daemon();
+        return daemon::spawn_daemon(settings.exit_with_parent);
     }
-    serve::serve(&args.store, &args.mountpoint, &settings, args.ready_fd)
+    serve::serve(&args.store, &args.mountpoint, &settings, args.ready_fd, args.parent_pidfd)
 }

@@ -93,22 +93,29 @@ pub fn mount_fuse(source: &str, mountpoint: &Path, flags: libc::c_ulong, allow_o
 /// Unmount; when busy (a process still has a file open), detach now and let the kernel finish
 /// when the last user goes.
 pub fn unmount(mountpoint: &Path) -> io::Result<()> {
+    match unmount_now(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            log::warn!("{}: busy; detaching lazily", mountpoint.display());
+            umount2(mountpoint, libc::MNT_DETACH)
+        }
+        result => result,
+    }
+}
+
+/// Unmount at once, or fail with EBUSY while files are open (needs CAP_SYS_ADMIN).
+pub fn unmount_now(mountpoint: &Path) -> io::Result<()> {
+    umount2(mountpoint, 0)
+}
+
+fn umount2(mountpoint: &Path, flags: libc::c_int) -> io::Result<()> {
     let target = CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
     // SAFETY: valid C string.
-    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-        return Ok(());
+    if unsafe { libc::umount2(target.as_ptr(), flags) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EBUSY) {
-        log::warn!("{}: busy; detaching lazily", mountpoint.display());
-        // SAFETY: valid C string.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
-            return Ok(());
-        }
-        return Err(io::Error::last_os_error());
-    }
-    Err(err)
 }
 
 /// A mount point must exist, be a directory and not already carry a mount. Returns it absolute.
@@ -131,16 +138,34 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, String> {
 /// The device (major, minor) of the mount at exactly `mountpoint`, from /proc/self/mountinfo
 /// (never `stat`, which would ask our own not-yet-serving filesystem and deadlock).
 pub fn mount_device(mountpoint: &Path) -> Option<(u32, u32)> {
+    mount_entry(mountpoint).map(|m| m.device)
+}
+
+/// The mount at exactly `mountpoint`, as /proc/self/mountinfo lists it (the last one wins when
+/// mounts are stacked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// (major, minor)
+    pub device: (u32, u32),
+    /// e.g. `fuse.zarrfs` ([`FS_TYPE`]), for a mount made by mount(2) or by fusermount3.
+    pub fs_type: String,
+}
+
+pub fn mount_entry(mountpoint: &Path) -> Option<MountEntry> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = mountpoint.to_str()?;
-    text.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if unescape_mountinfo(fields.get(4)?) != want {
-            return None;
-        }
-        let (major, minor) = fields.get(2)?.split_once(':')?;
-        Some((major.parse().ok()?, minor.parse().ok()?))
-    })
+    text.lines().rev().find_map(|line| parse_mountinfo_line(line).filter(|(at, _)| at == want).map(|(_, e)| e))
+}
+
+/// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw`: the mount point (5th
+/// field) and, after the optional fields ended by `-`, the filesystem type.
+fn parse_mountinfo_line(line: &str) -> Option<(String, MountEntry)> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let (major, minor) = fields.get(2)?.split_once(':')?;
+    let device = (major.parse().ok()?, minor.parse().ok()?);
+    let separator = fields.iter().skip(6).position(|f| *f == "-")? + 6;
+    let fs_type = fields.get(separator + 1)?.to_string();
+    Some((unescape_mountinfo(fields.get(4)?), MountEntry { device, fs_type }))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
@@ -177,6 +202,18 @@ pub fn set_readahead(mountpoint: &Path, kb: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_mountinfo_lines() {
+        let line =
+            r"61 30 0:52 / /tmp/my\040mnt ro,nosuid,nodev,relatime shared:33 - fuse.zarrfs /d/a.zarr ro,user_id=0";
+        let (at, entry) = parse_mountinfo_line(line).unwrap();
+        assert_eq!(at, "/tmp/my mnt");
+        assert_eq!(entry, MountEntry { device: (0, 52), fs_type: FS_TYPE.into() });
+        let no_optional = "25 1 8:1 / / rw - ext4 /dev/sda1 rw";
+        assert_eq!(parse_mountinfo_line(no_optional).unwrap().1.fs_type, "ext4");
+        assert!(parse_mountinfo_line("garbage").is_none());
+    }
 
     #[test]
     fn unescapes_mountinfo_paths() {

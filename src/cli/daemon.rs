@@ -1,11 +1,12 @@
 //! The daemon behind `zarrfs mount`: the command re-runs itself in the foreground, detached in
 //! its own session, and waits on a pipe until the mount is live; the daemon then lets go of
-//! the terminal. Also the signals that end a daemon (SIGINT, SIGTERM, SIGHUP).
+//! the terminal. Also the signals that end a daemon (SIGINT, SIGTERM, SIGHUP), and
+//! `exit_with_parent`: the end of the process that ran `zarrfs mount` ends the mount like SIGTERM.
 //!
 //! Process plumbing only: what is served is [`super::serve`]'s business.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +15,11 @@ use parking_lot::Mutex;
 
 /// Run this same command again in the foreground, detached in its own session, and wait until
 /// it reports the mount live (exit 0) or exits with its error (already printed on our stderr,
-/// which it shares until it is live).
-pub fn spawn_daemon() -> Result<(), String> {
+/// which it shares until it is live). With `watch_parent`, the daemon is handed a pidfd of the
+/// process that ran this command, which it watches after this command has exited.
+pub fn spawn_daemon(watch_parent: bool) -> Result<(), String> {
+    let parent = if watch_parent { Some(open_parent_pidfd()?) } else { None };
+    let parent_fd = parent.as_ref().map(|fd| fd.as_raw_fd());
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 fills the two-element array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -26,6 +30,9 @@ pub fn spawn_daemon() -> Result<(), String> {
     let mut args = super::normalized_args();
     args.remove(0);
     args.extend(["--foreground".into(), "--ready-fd".into(), write_fd.to_string().into()]);
+    if let Some(fd) = parent_fd {
+        args.extend(["--parent-pidfd".into(), fd.to_string().into()]);
+    }
     let mut command = std::process::Command::new(exe);
     command.args(args).stdin(std::process::Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -35,8 +42,10 @@ pub fn spawn_daemon() -> Result<(), String> {
             // Until it reports the mount live, the daemon ends with this command (Ctrl-C on a
             // slow mount must not leave a daemon that mounts later); see `detach`.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if libc::fcntl(write_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+            for fd in std::iter::once(write_fd).chain(parent_fd) {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -44,6 +53,7 @@ pub fn spawn_daemon() -> Result<(), String> {
     let spawned = command.spawn();
     // SAFETY: both fds are ours; the child holds its own copy of the write end.
     unsafe { libc::close(write_fd) };
+    drop(parent);
     let mut child = spawned.map_err(|e| format!("cannot start the daemon: {e}"))?;
     let mut report = String::new();
     // SAFETY: read_fd is an open fd we own; File takes ownership and closes it.
@@ -77,12 +87,57 @@ pub fn detach(ready_fd: RawFd, target: std::fs::File) {
     let mut pipe = unsafe { std::fs::File::from_raw_fd(ready_fd) };
     let _ = pipe.write_all(b"ready\n");
     drop(pipe);
-    use std::os::fd::AsRawFd;
     // SAFETY: duplicating a valid fd onto the standard ones.
     unsafe {
         libc::dup2(target.as_raw_fd(), 1);
         libc::dup2(target.as_raw_fd(), 2);
     }
+}
+
+/// A pidfd of our parent: the process that ran `zarrfs mount`. A pidfd rather than a pid,
+/// because the daemon outlives this command and a pid could be reused by then.
+pub fn open_parent_pidfd() -> Result<OwnedFd, String> {
+    // SAFETY: trivial getter.
+    let parent = unsafe { libc::getppid() };
+    // SAFETY: pidfd_open(2) takes a pid and flags; the fd it returns is owned below.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, parent, 0) };
+    if raw < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("exit_with_parent: cannot watch process {parent}: {e}"));
+    }
+    // SAFETY: a fresh fd from pidfd_open (close-on-exec, as pidfd_open makes them).
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+    // Had the parent ended before pidfd_open, we would have been reparented and `parent` might
+    // name another process by now.
+    // SAFETY: trivial getter.
+    if unsafe { libc::getppid() } != parent {
+        return Err("exit_with_parent: the process that ran zarrfs mount has already exited".into());
+    }
+    Ok(fd)
+}
+
+/// Once the process behind `pidfd` has ended, send ourselves SIGTERM: the mount ends exactly as
+/// it does for `kill` (unmount, lazily if files are still open, then store and exit).
+pub fn exit_with(pidfd: OwnedFd) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("zarrfs-parent".into())
+        .spawn(move || {
+            let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // A pidfd turns readable when its process has exited.
+            // SAFETY: one valid pollfd; no timeout.
+            while unsafe { libc::poll(&mut poll, 1, -1) } < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    log::error!("exit_with_parent: cannot wait for the parent process: {e}");
+                    return;
+                }
+            }
+            log::info!("the process that ran zarrfs mount has exited; ending the mount");
+            // SAFETY: a signal to ourselves, taken by the signal thread (blocked everywhere else).
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Signals that end a mount; blocked in every thread and taken by one waiting thread.

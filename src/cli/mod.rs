@@ -5,7 +5,9 @@
 //! - [`daemon`]: starting the detached daemon, its ready pipe, and the signals that end it;
 //! - [`serve`]: one mount session, from opening the store to the unmount;
 //! - [`info`]: the `info` command's table and JSON;
-//! - [`create`]: the `create` command's STORE/PATH argument.
+//! - [`create`]: the `create` command's STORE/PATH argument;
+//! - [`stats`]: the `stats` command, a mount's live counters;
+//! - [`umount`]: the `umount` command.
 //!
 //! Kernel mount plumbing (mount(2), `/proc/self/mountinfo`, readahead) stays in
 //! [`crate::mount`]: it knows nothing of the command line.
@@ -15,6 +17,8 @@ pub mod daemon;
 pub mod info;
 pub mod options;
 pub mod serve;
+pub mod stats;
+pub mod umount;
 
 use std::ffi::OsString;
 
@@ -24,7 +28,7 @@ use std::ffi::OsString;
 pub fn normalized_args() -> Vec<OsString> {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     if let Some(first) = args.get(1).and_then(|a| a.to_str()) {
-        let known = ["mount", "info", "create", "help"];
+        let known = ["mount", "info", "create", "stats", "umount", "help"];
         if !known.contains(&first) && !first.starts_with('-') {
             args.insert(1, "mount".into());
         }

@@ -34,6 +34,8 @@ pub struct MountSettings {
     pub passthrough: Vec<String>,
     /// Remote stores: request timeout and retries, disk cache.
     pub remote: RemoteSettings,
+    /// Unmount when the process that ran `zarrfs mount` ends (the Python package's mounts).
+    pub exit_with_parent: bool,
 }
 
 pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
@@ -52,6 +54,7 @@ impl Default for MountSettings {
             readahead_kb: 4096,
             passthrough: Vec::new(),
             remote: Default::default(),
+            exit_with_parent: false,
         }
     }
 }
@@ -258,6 +261,18 @@ pub const SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        option: "exit_with_parent",
+        flag: switch(
+            "exit-with-parent",
+            None,
+            "Unmount when the process that ran `zarrfs mount` exits, even if it is killed",
+        ),
+        apply: |s, _| {
+            s.exit_with_parent = true;
+            Ok(())
+        },
+    },
+    Setting {
         option: "readahead_kb",
         flag: None,
         apply: |s, v| {
@@ -403,6 +418,9 @@ mod tests {
         assert_eq!(s.writeback_secs, 2);
         apply_options(&mut s, "ro").unwrap();
         assert!(!s.read_write);
+        assert!(!s.exit_with_parent);
+        apply_options(&mut s, "exit_with_parent").unwrap();
+        assert!(s.exit_with_parent);
     }
 
     /// The messages are the ones zarrfs printed before they became typed errors.

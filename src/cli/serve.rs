@@ -4,7 +4,7 @@
 //! The two seams to the rest of the crate are one function each: [`open_store`] (which source
 //! opens a STORE argument) and [`build_fs`] (how settings become a [`ZarrFs`]).
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -42,11 +42,14 @@ fn build_fs(store: Store, store_path: &Path, root_name: &str, settings: &MountSe
 
 /// Mount `store_path` at `mountpoint` and serve it until it is unmounted. With `ready_fd` this
 /// is the detached daemon: it reports on that pipe once the mount is live, then detaches.
+/// `parent_pidfd` is the process to end with (`exit_with_parent`), as the command that started
+/// the daemon found it; in the foreground it is our parent.
 pub fn serve(
     store_path: &Path,
     mountpoint: &Path,
     settings: &MountSettings,
     ready_fd: Option<RawFd>,
+    parent_pidfd: Option<RawFd>,
 ) -> Result<(), String> {
     // Where a detached daemon's output goes, opened before anything is mounted: a log file
     // that cannot be opened fails the mount command, not the daemon after it said "ready".
@@ -69,6 +72,15 @@ pub fn serve(
     }
 
     let mounted = daemon::watch_signals(signals, store_path.display().to_string())?;
+    let parent = match parent_pidfd {
+        // SAFETY: the fd was handed to us by the command that started us, for exactly this.
+        Some(fd) => Some(unsafe { OwnedFd::from_raw_fd(fd) }),
+        None if settings.exit_with_parent => Some(daemon::open_parent_pidfd()?),
+        None => None,
+    };
+    if let Some(pidfd) = parent {
+        daemon::exit_with(pidfd)?;
+    }
 
     let store = open_store(store_path, &settings.remote, settings.read_write)?;
     let mountpoint = mount::check_mountpoint(mountpoint)?;

@@ -46,6 +46,9 @@ pub type Ino = u64;
 pub type Invalidator = Box<dyn Fn(Ino, u64, u64) + Send + Sync>;
 pub const ROOT_INO: Ino = 1;
 
+/// The extended attribute of the mount root that holds [`ZarrFs::stats_json`].
+pub const STATS_XATTR: &str = "user.zarrfs.stats";
+
 /// What a user configures about a mount.
 #[derive(Debug, Clone)]
 pub struct FsOptions {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::time::SystemTime;
 
-use super::{FileView, FsError, Ino, MountedArray, ZarrFs, ROOT_INO};
+use super::{FileView, FsError, Ino, MountedArray, ZarrFs, ROOT_INO, STATS_XATTR};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -206,7 +206,7 @@ impl ZarrFs {
                     out.extend(self.groups[*g].xattrs.iter().cloned());
                 }
                 if ino == ROOT_INO {
-                    out.push(("user.zarrfs.stats".into(), self.stats_json().to_string()));
+                    out.push((STATS_XATTR.into(), self.stats_json().to_string()));
                 }
             }
         }
