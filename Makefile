@@ -10,7 +10,7 @@ PREFIX ?= /usr/local
 # One cargo profile for everything (build, tests, benchmarks): release.
 CARGO_FLAGS := --release --locked
 
-.PHONY: all build lint test test-rust test-python demo bench install uninstall system-deps rust-tools venv clean
+.PHONY: all build lint test test-rust test-python test-wheel wheel wheel-aarch64 demo bench install uninstall system-deps rust-tools venv clean
 
 all: build
 
@@ -53,13 +53,35 @@ lint: system-deps rust-tools
 	cargo fmt --check
 	cargo clippy $(CARGO_FLAGS) --all-targets -- -D warnings
 
-test: lint test-rust test-python
+test: lint test-rust test-python test-wheel
 
 test-rust: build
 	cargo test $(CARGO_FLAGS)
 
 test-python: build venv
 	$(VENV)/bin/pytest -q tests/python
+
+# The Python wheel (the binary + python/zarrfs), into target/wheels. maturin runs cargo with the
+# same profile and flags as `build`, so nothing but zarrfs itself is ever compiled again; the
+# binary is stripped in the finished wheel (maturin's --strip would rebuild every dependency).
+# manylinux_2_34 is the oldest tag this binary's glibc symbols allow (built on glibc 2.36).
+WHEEL_FLAGS := --release --locked --compatibility manylinux_2_34 --out target/wheels
+wheel: system-deps venv
+	rm -f target/wheels/zarrfs-*_$(shell uname -m).whl
+	$(VENV)/bin/maturin build $(WHEEL_FLAGS)
+	$(PY) scripts/strip_wheel.py target/wheels/zarrfs-*_$(shell uname -m).whl
+
+# Cross build for aarch64. Needs what this Makefile does not install: `rustup target add
+# aarch64-unknown-linux-gnu` and Debian's gcc-aarch64-linux-gnu (linker, C compiler, strip).
+wheel-aarch64: venv
+	rm -f target/wheels/zarrfs-*_aarch64.whl
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+	  $(VENV)/bin/maturin build $(WHEEL_FLAGS) --target aarch64-unknown-linux-gnu
+	$(PY) scripts/strip_wheel.py --strip aarch64-linux-gnu-strip target/wheels/zarrfs-*_aarch64.whl
+
+# The wheel installed into a fresh venv outside the build tree, without cargo on PATH.
+test-wheel: wheel
+	scripts/test_wheel.sh $(PYTHON)
 
 demo: build venv
 	PY=$(PY) BIN=$(BIN) scripts/demo.sh
