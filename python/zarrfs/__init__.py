@@ -39,6 +39,13 @@ if TYPE_CHECKING:  # numpy is optional: only memmap needs it
 
 __all__ = ["MountError", "mount", "unmount", "memmap", "stats", "zarrfs_command"]
 
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("zarrfs")  # the wheel's, which is Cargo.toml's
+except PackageNotFoundError:  # imported from a source tree, not installed
+    __version__ = "unknown"
+
 StrPath = Union[str, "os.PathLike[str]"]
 OptionValue = Union[str, int, float, bool, None]
 

@@ -141,6 +141,7 @@ def test_metadata_and_file_list_are_what_pip_shows():
 def test_the_command_and_package_are_the_wheels():
     prefix = os.path.realpath(sys.prefix)
     assert os.path.realpath(zarrfs.__file__).startswith(prefix + "/"), zarrfs.__file__
+    assert zarrfs.__version__ == os.environ["ZARRFS_EXPECTED_VERSION"]
     command = zarrfs.zarrfs_command()
     assert command == os.path.join(sysconfig.get_path("scripts"), "zarrfs")
     assert shutil.which("zarrfs") == command, "the venv's zarrfs must be the one on PATH"
